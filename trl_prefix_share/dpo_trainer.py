@@ -1,0 +1,160 @@
+"""``PrefixSharedDPOTrainer``: ``trl.DPOTrainer`` with each prompt run once for both responses.
+
+Nothing of TRL's loss code is replaced. The collator adds a packed layout to TRL's own padded batch, and the model's
+forward (wrapped once, on the policy and the reference) scores that layout and hands back per-token results in the
+stock layout. Everything else (all loss types, reference handling, PEFT, precompute, metrics) is TRL's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import (
+    DataCollator,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+)
+from trl import DPOConfig, DPOTrainer
+
+from .collator import PACKED_KEY, PrefixSharedPreferenceCollator
+from .model_support import enable_prefix_sharing, verify_packed_forward
+from .options import PrefixShareArguments, packing_options, prefix_share_arguments
+from .validation import validate_preference_dataset
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import BitsAndBytesConfig
+
+logger = logging.getLogger(__name__)
+
+PROMPT_LEARNING_ERROR = (
+    "Prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens to every sequence, which prefix "
+    "sharing cannot lay out. Use a LoRA-style adapter, or the stock trainer."
+)
+
+
+def _is_prompt_learning(peft_config: Any) -> bool:
+    return bool(getattr(peft_config, "is_prompt_learning", False))
+
+
+class PrefixSharedDPOTrainer(DPOTrainer):
+    """Drop-in replacement for [`~trl.DPOTrainer`]: same constructor, same config ([`~trl.DPOConfig`] or
+    [`PrefixSharedDPOConfig`] for the extra knobs), same losses, gradients and metrics; fewer tokens processed.
+
+    Extra metrics: `prefix_share/tokens` (tokens in the packed rows of a step), `prefix_share/stock_tokens` (tokens
+    of stock TRL's padded batch for the same examples) and `prefix_share/token_ratio` (their ratio).
+    """
+
+    _tag_names = ["trl", "dpo", "prefix-share"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        ref_model: PreTrainedModel | None = None,
+        args: DPOConfig | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: BitsAndBytesConfig | None = None,
+        peft_config: PeftConfig | None = None,
+    ) -> None:
+        self.prefix_share_args = prefix_share_arguments(args) if args is not None else PrefixShareArguments()
+        self._prefix_share_installed = False
+        self.prefix_share_totals = {"tokens": 0, "stock_tokens": 0}
+        if _is_prompt_learning(peft_config):
+            raise ValueError(PROMPT_LEARNING_ERROR)
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self._install_prefix_sharing()
+
+    # -- set-up ------------------------------------------------------------------------------------------------------
+
+    def _install_prefix_sharing(self) -> None:
+        """Switch the policy and reference models to the packed forward and wrap the collator (once)."""
+        if self._prefix_share_installed:
+            return
+        if self._is_vision_dataset:
+            raise ValueError("Prefix sharing does not support vision-language preference data; use DPOTrainer.")
+        device = self.accelerator.device
+        packing, kernel = packing_options(self.prefix_share_args, device)
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        if is_peft_model(self.model) and any(map(_is_prompt_learning, self.model.peft_config.values())):
+            raise ValueError(PROMPT_LEARNING_ERROR)
+        models = [policy]
+        if self.ref_model is not None:
+            models.append(self.accelerator.unwrap_model(self.ref_model))
+        for model in models:
+            enable_prefix_sharing(model, kernel)
+        if self.prefix_share_args.verify_model:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                logger.info("Skipping the packed-forward probe: parameters are sharded until training starts.")
+            else:
+                for model in models:
+                    verify_packed_forward(model, kernel, device)
+        self.data_collator = PrefixSharedPreferenceCollator(
+            self.data_collator, pad_token_id=self._tokenizer.pad_token_id, options=packing
+        )
+        self._prefix_share_installed = True
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return validate_preference_dataset(
+            dataset,
+            dataset_name,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            max_row_tokens=self.prefix_share_args.max_row_tokens,
+            drop_invalid=self.prefix_share_args.drop_invalid_examples,
+        )
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        # Runs inside `DPOTrainer.__init__`: switch to the packed forward first so the precompute is shared too.
+        self._install_prefix_sharing()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    # -- step --------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if PACKED_KEY in inputs:
+            self._log_token_counts(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _log_token_counts(self, inputs: dict[str, Any]) -> None:
+        """Tokens run by the packed forward vs by stock TRL's padded batch (shapes only: no device sync)."""
+        mode = "train" if self.model.training else "eval"
+        ours = inputs[PACKED_KEY]["input_ids"].numel()
+        stock = inputs["input_ids"].numel()
+        if self.accelerator.num_processes > 1:
+            counts = torch.tensor([ours, stock], device=self.accelerator.device)
+            ours, stock = self.accelerator.gather_for_metrics(counts.unsqueeze(0)).sum(0).tolist()
+        if mode == "train":
+            self.prefix_share_totals["tokens"] += ours
+            self.prefix_share_totals["stock_tokens"] += stock
+        metrics = self._metrics.setdefault(mode, defaultdict(list))
+        metrics["prefix_share/tokens"].append(ours)
+        metrics["prefix_share/stock_tokens"].append(stock)
+        metrics["prefix_share/token_ratio"].append(stock / max(ours, 1))

@@ -1,0 +1,77 @@
+"""Prefix-sharing knobs, as a dataclass mixed into our trainer configs.
+
+A plain TRL config works too: every knob missing from it takes the default below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .attention import resolve_kernel
+from .collator import PackingOptions
+
+
+@dataclass
+class PrefixShareArguments:
+    """Options of the shared-prefix packed forward.
+
+    Parameters:
+        share_prefix (`bool`, defaults to `True`):
+            Run each prompt once for all its responses. `False` packs every sequence as its own document (padding-free
+            but unshared: the honest "packed stock" baseline for ablations).
+        max_row_tokens (`int` or `None`, defaults to `None`):
+            Token budget of one packed row; documents fill rows greedily. `None` packs the whole batch into one row.
+        pad_rows_to_multiple_of (`int` or `None`, defaults to `None`):
+            Pad packed rows to a multiple of this length. `None`: 128 on CUDA (bounds recompiles of the compiled
+            kernel), no padding elsewhere.
+        prefix_share_attention (`str`, defaults to `"auto"`):
+            Attention kernel: `"auto"` (FlexAttention on CUDA, per-group SDPA elsewhere), `"sdpa"`, `"flex"`, or
+            `"flex_eager"` (uncompiled FlexAttention, forward only on CPU; for tests).
+        verify_model (`bool`, defaults to `True`):
+            At construction, check on a few tokens that the packed forward of this model equals its unpacked forward,
+            and refuse an architecture that does not pass.
+        drop_invalid_examples (`bool`, defaults to `False`):
+            Drop examples prefix sharing cannot train on (an empty response, a document longer than
+            `max_row_tokens`) with a warning, instead of raising an error that names them.
+    """
+
+    share_prefix: bool = field(default=True, metadata={"help": "Run each prompt once for all its responses."})
+    max_row_tokens: int | None = field(default=None, metadata={"help": "Token budget of one packed row."})
+    pad_rows_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad packed rows to a multiple of this (default: 128 on CUDA, none on CPU)."}
+    )
+    prefix_share_attention: str = field(
+        default="auto", metadata={"help": "Attention kernel: auto, sdpa, flex or flex_eager."}
+    )
+    verify_model: bool = field(
+        default=True, metadata={"help": "Check at construction that the packed forward equals the unpacked one."}
+    )
+    drop_invalid_examples: bool = field(
+        default=False, metadata={"help": "Drop examples prefix sharing cannot train on instead of raising."}
+    )
+
+
+PREFIX_SHARE_FIELDS = tuple(f.name for f in fields(PrefixShareArguments))
+
+
+def prefix_share_arguments(args: Any) -> PrefixShareArguments:
+    """The prefix-sharing options of any config: its own values where it has them, defaults elsewhere."""
+    return PrefixShareArguments(**{name: getattr(args, name) for name in PREFIX_SHARE_FIELDS if hasattr(args, name)})
+
+
+def packing_options(options: PrefixShareArguments, device: torch.device) -> tuple[PackingOptions, str]:
+    """Resolve the device-dependent defaults: the attention kernel and the row padding multiple."""
+    kernel = resolve_kernel(options.prefix_share_attention, device)
+    multiple = options.pad_rows_to_multiple_of
+    if multiple is None and device.type == "cuda":
+        multiple = 128
+    packing = PackingOptions(
+        share_prefix=options.share_prefix,
+        max_row_tokens=options.max_row_tokens,
+        pad_to_multiple_of=multiple,
+        sdpa_buckets=kernel == "sdpa",
+    )
+    return packing, kernel

@@ -1,0 +1,101 @@
+"""Up-front checks of a tokenized preference dataset, so bad examples are named before training starts.
+
+Checked (map-style datasets; streaming ones are checked batch by batch in the collator):
+- an empty chosen or rejected response: nothing to score on that side;
+- a document longer than `max_row_tokens`: it cannot fit any packed row.
+Each is an error naming the examples and the fix, or, with `drop_invalid_examples=True`, a warning and a drop.
+Identical chosen and rejected responses are exact (their loss carries no signal) and only counted in a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+_SHOWN = 10
+
+
+def truncated_length(prompt_len: int, response_len: int, max_length: int | None) -> int:
+    """Length of prompt+response after TRL's per-sequence truncation (either mode keeps `max_length` tokens)."""
+    total = prompt_len + response_len
+    return total if max_length is None else min(total, max_length)
+
+
+def document_length_upper_bound(prompt_len: int, chosen_len: int, rejected_len: int, max_length: int | None) -> int:
+    """Packed length of a pair, assuming the truncated prompt is shared (exact for `keep_start`)."""
+    chosen = truncated_length(prompt_len, chosen_len, max_length)
+    rejected = truncated_length(prompt_len, rejected_len, max_length)
+    shared = min(prompt_len, chosen, rejected)
+    return chosen + rejected - max(shared - 1, 0) if shared >= 2 else chosen + rejected
+
+
+def _describe(indices: list[int]) -> str:
+    shown = ", ".join(str(i) for i in indices[:_SHOWN])
+    return shown + (f" and {len(indices) - _SHOWN} more" if len(indices) > _SHOWN else "")
+
+
+def validate_preference_dataset(
+    dataset: Dataset,
+    dataset_name: str,
+    max_length: int | None,
+    truncation_mode: str,
+    max_row_tokens: int | None,
+    drop_invalid: bool,
+) -> Dataset:
+    """Raise on (or drop, when `drop_invalid`) examples prefix sharing cannot train on; return the kept dataset."""
+    if not isinstance(dataset, Dataset):
+        return dataset
+    columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    empty: list[int] = []
+    too_long: list[tuple[int, int]] = []
+    identical = 0
+    index = 0
+    for batch in columns.iter(batch_size=1000):
+        for prompt, chosen, rejected in zip(
+            batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True
+        ):
+            if not chosen or not rejected:
+                empty.append(index)
+            elif max_row_tokens is not None:
+                length = document_length_upper_bound(len(prompt), len(chosen), len(rejected), max_length)
+                if truncation_mode == "keep_end":  # truncated prompts may differ: assume nothing is shared
+                    length = truncated_length(len(prompt), len(chosen), max_length) + truncated_length(
+                        len(prompt), len(rejected), max_length
+                    )
+                if length > max_row_tokens:
+                    too_long.append((index, length))
+            if chosen == rejected:
+                identical += 1
+            index += 1
+
+    if identical:
+        logger.warning(
+            "%d example(s) of the %s dataset have identical chosen and rejected responses; they are trained exactly "
+            "as stock TRL does, but carry no preference signal.",
+            identical,
+            dataset_name,
+        )
+    problems = []
+    if empty:
+        problems.append(
+            f"example(s) {_describe(empty)} of the {dataset_name} dataset have an empty chosen or rejected response "
+            "after tokenization, so that side has no token to score. Remove them (e.g. `dataset.filter(lambda x: "
+            "x['chosen'] and x['rejected'])`) or set `drop_invalid_examples=True`"
+        )
+    if too_long:
+        longest = max(length for _, length in too_long)
+        problems.append(
+            f"example(s) {_describe([i for i, _ in too_long])} of the {dataset_name} dataset need up to {longest} "
+            f"tokens as one packed document, more than `max_row_tokens={max_row_tokens}`. Raise `max_row_tokens` to "
+            f"at least {longest}, lower `max_length`, or set `drop_invalid_examples=True`"
+        )
+    if not problems:
+        return dataset
+    if not drop_invalid:
+        raise ValueError("Prefix sharing cannot train on some examples: " + "; and ".join(problems) + ".")
+    bad = set(empty) | {i for i, _ in too_long}
+    logger.warning("Dropping %d example(s) of the %s dataset: %s.", len(bad), dataset_name, "; ".join(problems))
+    return dataset.select([i for i in range(len(dataset)) if i not in bad])
