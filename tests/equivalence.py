@@ -1,0 +1,81 @@
+"""Helpers that run stock TRL and our trainer on the very same batch and compare losses, gradients and metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+# fp32 bound: both sides compute the same math, but in different kernels and summation orders (packed SDPA groups vs
+# one padded SDPA call); measured differences are ~1e-7 relative, so 1e-5 leaves margin without hiding real errors
+# (a wrong context shifts log-probs by ~1e-2 relative even in these tiny random models).
+RELATIVE_TOLERANCE = 1e-5
+
+
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def first_batch(trainer, size: int, dataset=None) -> dict:
+    """Collate the first `size` prepared examples with the trainer's own collator, on its device."""
+    dataset = trainer.train_dataset if dataset is None else dataset
+    examples = [dataset[i] for i in range(size)]
+    return trainer._prepare_inputs(trainer.data_collator(examples))
+
+
+def loss_and_grads(trainer, batch: dict, mode: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """One `compute_loss` + backward; returns the loss, the trainable parameters' grads and the logged metrics."""
+    model = trainer.model
+    model.train(mode == "train")
+    model.zero_grad(set_to_none=True)
+    trainer._metrics[mode].clear()
+    loss = trainer.compute_loss(model, batch)
+    if mode == "train":
+        loss.backward()
+    grads = {
+        name: param.grad.detach().clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad and param.grad is not None
+    }
+    metrics = {key: list(values) for key, values in trainer._metrics[mode].items()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads, metrics
+
+
+def assert_equivalent(stock, ours, stock_batch, our_batch, mode: str = "train", check_grads: bool = True) -> None:
+    """Loss, every gradient and every stock metric must agree within RELATIVE_TOLERANCE."""
+    stock_loss, stock_grads, stock_metrics = loss_and_grads(stock, stock_batch, mode)
+    our_loss, our_grads, our_metrics = loss_and_grads(ours, our_batch, mode)
+    assert torch.isfinite(our_loss), f"our loss is {our_loss}"
+    assert relative_difference(our_loss, stock_loss) <= RELATIVE_TOLERANCE, (our_loss.item(), stock_loss.item())
+    if check_grads and mode == "train":
+        assert stock_grads, "stock TRL produced no gradients: the comparison would be empty"
+        assert stock_grads.keys() == our_grads.keys()
+        nonzero = 0
+        for name, expected in stock_grads.items():
+            diff = relative_difference(our_grads[name], expected)
+            assert diff <= RELATIVE_TOLERANCE, f"gradient of {name} differs by {diff:.2e}"
+            nonzero += int(expected.abs().sum() > 0)
+        assert nonzero > 0, "all stock gradients are zero: the comparison would be vacuous"
+    for key, expected in stock_metrics.items():
+        actual = our_metrics[key]
+        assert len(actual) == len(expected), key
+        for a, e in zip(actual, expected, strict=True):
+            if key == "num_tokens" or key.startswith("prefix_share/"):
+                assert a == e, (key, a, e)
+            else:
+                assert math.isclose(a, e, rel_tol=1e-4, abs_tol=1e-5), (key, a, e)
+    assert {"prefix_share/tokens", "prefix_share/stock_tokens", "prefix_share/token_ratio"} <= our_metrics.keys()
+
+
+def build_pair(make: Callable[[type], object]):
+    """`make(trainer_cls)` builds a trainer; returns (stock, ours) with identical initial weights."""
+    from trl import DPOTrainer
+
+    from trl_prefix_share import PrefixSharedDPOTrainer
+
+    return make(DPOTrainer), make(PrefixSharedDPOTrainer)
