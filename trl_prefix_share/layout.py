@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 IGNORE_INDEX = -100
 PAD_DOCUMENT = -1
@@ -112,41 +111,68 @@ def _round_up(value: int, multiple: int | None) -> int:
 
 
 @dataclass
+class _Segment:
+    """A run of consecutive tokens of one sequence placed consecutively in a packed row."""
+
+    source: int  # offset in the concatenated token source
+    length: int
+    dest: int  # flat offset in the packed rows
+    position: int  # position id of its first token
+    document: int
+    branch: int  # 0: shared prefix
+    sequence: int  # index of the sequence whose next tokens it predicts (-1: shared prefix, never labelled)
+
+
+@dataclass
 class _Group:
-    """One attention group: a set of query tokens and the keys they may see (both as flat packed indices)."""
+    """One attention group: contiguous queries, and keys = [shared prefix, one branch] (positions 0, 1, ...)."""
 
-    query_index: torch.Tensor
-    query_pos: torch.Tensor
-    key_index: torch.Tensor
-    key_pos: torch.Tensor
+    query_start: int
+    query_length: int
+    query_position: int
+    shared_start: int
+    shared_length: int
+    branch_start: int
 
 
-def _attention_bucket(groups: list[_Group]) -> dict[str, torch.Tensor]:
-    """Pad a list of groups into batched index tensors and a boolean mask for one SDPA call.
+def _spans(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For runs of the given lengths laid end to end: each element's run id and its offset inside the run."""
+    run = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return run, torch.arange(int(lengths.sum())) - starts[run]
 
-    Keys of a group are in increasing position order, so ``key_pos <= query_pos`` is the causal rule. Padded query
-    slots see key slot 0 only, so no softmax row is empty (an empty row would give NaN gradients); their outputs are
-    never scattered back.
+
+def _attention_bucket(groups: list[_Group], trunk: bool) -> dict[str, torch.Tensor | bool]:
+    """Batched index tensors of one SDPA call over a list of groups (no mask: see ``attention/sdpa_packed.py``).
+
+    Keys of a group are [shared prefix, branch] and a key's slot equals its position, so query q may see key slot k
+    iff ``k <= query_pos[q]``: valid queries never reach padded key slots, and a padded query slot (position 0) sees
+    key slot 0 only, so no softmax row is empty. In a trunk group the queries are the keys, so the rule is plain
+    causal attention. Padded query outputs are never scattered back.
     """
-    query_index = pad_sequence([g.query_index for g in groups], batch_first=True, padding_value=0)
-    query_pos = pad_sequence([g.query_pos for g in groups], batch_first=True, padding_value=0)
-    key_index = pad_sequence([g.key_index for g in groups], batch_first=True, padding_value=0)
-    key_pos = pad_sequence([g.key_pos for g in groups], batch_first=True, padding_value=0)
-    query_len = torch.tensor([len(g.query_index) for g in groups])
-    key_len = torch.tensor([len(g.key_index) for g in groups])
-    query_valid = torch.arange(query_index.size(1))[None, :] < query_len[:, None]
-    key_valid = torch.arange(key_index.size(1))[None, :] < key_len[:, None]
-    mask = (key_pos[:, None, :] <= query_pos[:, :, None]) & key_valid[:, None, :] & query_valid[:, :, None]
-    first_key = torch.zeros(key_index.size(1), dtype=torch.bool)
-    first_key[0] = True
-    mask |= ~query_valid[:, :, None] & first_key[None, None, :]
+    table = torch.tensor(
+        [
+            [g.query_start, g.query_length, g.query_position, g.shared_start, g.shared_length, g.branch_start]
+            for g in groups
+        ]
+    )
+    q_start, q_len, q_pos, s_start, s_len, b_start = table.unbind(1)
+    k_len = q_len if trunk else s_len + q_len
+    slot_q = torch.arange(int(q_len.max()))[None, :]
+    slot_k = torch.arange(int(k_len.max()))[None, :]
+    query_valid = slot_q < q_len[:, None]
+    key_valid = slot_k < k_len[:, None]
+    query_index = torch.where(query_valid, q_start[:, None] + slot_q, 0)
+    query_pos = torch.where(query_valid, q_pos[:, None] + slot_q, 0)
+    in_shared = slot_k < s_len[:, None]
+    key_index = torch.where(in_shared, s_start[:, None] + slot_k, b_start[:, None] + slot_k - s_len[:, None])
+    key_index = torch.where(key_valid, key_index, 0)
     query_slots = query_valid.reshape(-1).nonzero().squeeze(1)
     return {
+        "trunk": trunk,
         "query_index": query_index,
         "key_index": key_index,
         "query_pos": query_pos,
-        "key_pos": key_pos,
-        "mask": mask.unsqueeze(1),
         "query_slots": query_slots,
         "query_targets": query_index.reshape(-1)[query_slots],
     }
@@ -163,6 +189,9 @@ def pack_documents(
 ) -> dict[str, torch.Tensor | list[dict[str, torch.Tensor]]]:
     """Lay documents out in packed rows.
 
+    Python runs once per segment (a shared prefix or a branch) to describe the layout; the tokens themselves are
+    moved by a fixed number of tensor operations.
+
     Args:
         documents: the documents, in batch order.
         num_virtual_rows / virtual_length: shape ``[num_virtual_rows, virtual_length]`` of the stock batch; labelled
@@ -178,79 +207,89 @@ def pack_documents(
     sequence, by virtual row), and ``attention_buckets`` (a list) when ``sdpa_buckets``.
     """
     row_members = assign_rows([doc.num_tokens for doc in documents], max_row_tokens)
-    row_length = _round_up(
-        max((sum(documents[i].num_tokens for i in row) for row in row_members), default=1), pad_to_multiple_of
-    )
+    longest_row = max((sum(documents[i].num_tokens for i in row) for row in row_members), default=1)
+    row_length = _round_up(longest_row, pad_to_multiple_of)
     num_rows = max(len(row_members), 1)
-    shifted_width = virtual_length - 1
 
-    input_ids = torch.full((num_rows, row_length), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((num_rows, row_length), dtype=torch.long)
-    shift_labels = torch.full((num_rows, row_length), IGNORE_INDEX, dtype=torch.long)
-    document_ids = torch.full((num_rows, row_length), PAD_DOCUMENT, dtype=torch.long)
-    branch_ids = torch.full((num_rows, row_length), PAD_DOCUMENT, dtype=torch.long)
-    label_index: list[torch.Tensor] = []
-    target_index: list[torch.Tensor] = []
-    branch_lengths = torch.zeros(num_virtual_rows, dtype=torch.long)
+    sequences = [seq for doc in documents for seq in doc.sequences]
+    source = torch.cat([seq.tokens for seq in sequences]) if sequences else torch.zeros(0, dtype=torch.long)
+    first_sequence, source_start = [], []
+    offset = 0
+    for doc in documents:
+        first_sequence.append(len(source_start))
+        for seq in doc.sequences:
+            source_start.append(offset)
+            offset += len(seq.tokens)
+
+    segments: list[_Segment] = []
     trunk_groups: list[_Group] = []
     side_groups: list[_Group] = []
-
     for row, members in enumerate(row_members):
-        offset = 0
-        row_base = row * row_length
+        dest = row * row_length
         for doc_index in members:
             doc = documents[doc_index]
             start = doc.branch_start
-            shared_flat = torch.arange(start) + row_base + offset
-            shared_pos = torch.arange(start)
+            first = first_sequence[doc_index]
+            shared_dest = dest
             if start:
-                tokens = doc.sequences[0].tokens[:start]
-                input_ids[row, offset : offset + start] = tokens
-                position_ids[row, offset : offset + start] = shared_pos
-                document_ids[row, offset : offset + start] = doc_index
-                branch_ids[row, offset : offset + start] = 0
-            offset += start
+                segments.append(_Segment(source_start[first], start, dest, 0, doc_index, 0, -1))
+                dest += start
             for branch, seq in enumerate(doc.sequences, start=1):
+                index = first + branch - 1
                 length = len(seq.tokens) - start
-                span = slice(offset, offset + length)
-                pos = torch.arange(start, start + length)
-                input_ids[row, span] = seq.tokens[start:]
-                position_ids[row, span] = pos
-                document_ids[row, span] = doc_index
-                branch_ids[row, span] = branch
-                # Position j (sequence index) predicts token j+1 when that token is a completion token.
-                next_index = pos + 1
-                labelled = (next_index < len(seq.tokens)) & (next_index >= seq.completion_start)
-                labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
-                labels[labelled] = seq.tokens[next_index[labelled]]
-                shift_labels[row, span] = labels
-                label_index.append(row_base + offset + labelled.nonzero().squeeze(1))
-                target_index.append(seq.virtual_row * shifted_width + pos[labelled])
-                branch_lengths[seq.virtual_row] = int(labelled.sum())
-                if sdpa_buckets:
-                    branch_flat = torch.arange(length) + row_base + offset
-                    if branch == 1:
-                        flat = torch.cat([shared_flat, branch_flat])
-                        flat_pos = torch.cat([shared_pos, pos])
-                        trunk_groups.append(_Group(flat, flat_pos, flat, flat_pos))
-                    else:
-                        side_groups.append(
-                            _Group(
-                                branch_flat, pos, torch.cat([shared_flat, branch_flat]), torch.cat([shared_pos, pos])
-                            )
-                        )
-                offset += length
+                segments.append(_Segment(source_start[index] + start, length, dest, start, doc_index, branch, index))
+                if branch == 1:
+                    trunk_groups.append(_Group(shared_dest, start + length, 0, shared_dest, start, dest))
+                else:
+                    side_groups.append(_Group(dest, length, start, shared_dest, start, dest))
+                dest += length
 
+    input_ids = torch.full((num_rows * row_length,), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(num_rows * row_length, dtype=torch.long)
+    shift_labels = torch.full((num_rows * row_length,), IGNORE_INDEX, dtype=torch.long)
+    document_ids = torch.full((num_rows * row_length,), PAD_DOCUMENT, dtype=torch.long)
+    branch_ids = torch.full((num_rows * row_length,), PAD_DOCUMENT, dtype=torch.long)
+    label_index = target_index = torch.zeros(0, dtype=torch.long)
+    branch_lengths = torch.zeros(num_virtual_rows, dtype=torch.long)
+
+    if segments:
+        table = torch.tensor(
+            [[s.source, s.length, s.dest, s.position, s.document, s.branch, s.sequence] for s in segments]
+        )
+        seg_source, seg_length, seg_dest, seg_position, seg_document, seg_branch, seg_sequence = table.unbind(1)
+        run, within = _spans(seg_length)
+        src = seg_source[run] + within
+        dst = seg_dest[run] + within
+        pos = seg_position[run] + within
+        input_ids[dst] = source[src]
+        position_ids[dst] = pos
+        document_ids[dst] = seg_document[run]
+        branch_ids[dst] = seg_branch[run]
+
+        # Position j of a sequence predicts its token j+1 when that token is a completion token.
+        seq_info = torch.tensor([[len(q.tokens), q.completion_start, q.virtual_row] for q in sequences])
+        sequence = seg_sequence[run]
+        owner = sequence.clamp(min=0)
+        next_pos = pos + 1
+        labelled = (sequence >= 0) & (next_pos < seq_info[owner, 0]) & (next_pos >= seq_info[owner, 1])
+        label_index = dst[labelled]
+        shift_labels[label_index] = source[src[labelled] + 1]
+        virtual_row = seq_info[owner[labelled], 2]
+        target_index = virtual_row * (virtual_length - 1) + pos[labelled]
+        branch_lengths = torch.bincount(virtual_row, minlength=num_virtual_rows)
+
+    shape = (num_rows, row_length)
     batch: dict[str, torch.Tensor | list[dict[str, torch.Tensor]]] = {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "shift_labels": shift_labels,
-        "document_ids": document_ids,
-        "branch_ids": branch_ids,
-        "label_index": torch.cat(label_index) if label_index else torch.zeros(0, dtype=torch.long),
-        "target_index": torch.cat(target_index) if target_index else torch.zeros(0, dtype=torch.long),
+        "input_ids": input_ids.view(shape),
+        "position_ids": position_ids.view(shape),
+        "shift_labels": shift_labels.view(shape),
+        "document_ids": document_ids.view(shape),
+        "branch_ids": branch_ids.view(shape),
+        "label_index": label_index,
+        "target_index": target_index,
         "branch_lengths": branch_lengths,
     }
     if sdpa_buckets:
-        batch["attention_buckets"] = [_attention_bucket(groups) for groups in (trunk_groups, side_groups) if groups]
+        buckets = [(trunk_groups, True), (side_groups, False)]
+        batch["attention_buckets"] = [_attention_bucket(groups, trunk) for groups, trunk in buckets if groups]
     return batch

@@ -13,13 +13,21 @@ import torch.nn.functional as F
 from .packed_layout import PackedAttentionLayout
 
 
-def _bucket_mask(bucket: dict[str, torch.Tensor], sliding_window: int | None) -> torch.Tensor:
-    mask = bucket["mask"]
-    if sliding_window is None:
-        return mask
-    # Distance is measured in positions (transformers keeps keys with q - k < window), not in packed indices.
-    distance = bucket["query_pos"][:, :, None] - bucket["key_pos"][:, None, :]
-    return mask & (distance < sliding_window).unsqueeze(1)
+def bucket_mask(bucket: dict[str, torch.Tensor], sliding_window: int | None) -> torch.Tensor | None:
+    """Boolean ``[G, 1, Lq, Lk]`` mask of a bucket, or ``None`` where plain causal attention is exact.
+
+    A key's slot equals its position, so query q sees key slot k iff ``k <= query_pos[q]`` (and, in a sliding-window
+    layer, ``query_pos[q] - k < window``: distance in positions, not packed indices). Built once per step per bucket
+    and window size, then shared by every layer and by the policy and reference forwards.
+    """
+    if bucket["trunk"] and sliding_window is None:
+        return None
+    query_pos = bucket["query_pos"][:, :, None]
+    key_slot = torch.arange(bucket["key_index"].size(1), device=query_pos.device)[None, None, :]
+    mask = key_slot <= query_pos
+    if sliding_window is not None:
+        mask &= query_pos - key_slot < sliding_window
+    return mask.unsqueeze(1)
 
 
 def packed_sdpa_attention(
@@ -39,12 +47,19 @@ def packed_sdpa_attention(
     v = value.transpose(0, 1).reshape(kv_heads, rows * length, value.shape[-1])
     out = q.new_zeros(heads, rows * length, value.shape[-1])
     for index, bucket in enumerate(layout.buckets):
-        mask = layout.cached(("sdpa", index, sliding_window), lambda b=bucket: _bucket_mask(b, sliding_window))
+        mask = layout.cached(("sdpa", index, sliding_window), lambda b=bucket: bucket_mask(b, sliding_window))
         q_g = q[:, bucket["query_index"]].transpose(0, 1)  # [G, H, Lq, D]
         k_g = k[:, bucket["key_index"]].transpose(0, 1)
         v_g = v[:, bucket["key_index"]].transpose(0, 1)
         o_g = F.scaled_dot_product_attention(
-            q_g, k_g, v_g, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=heads != kv_heads
+            q_g,
+            k_g,
+            v_g,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=heads != kv_heads,
         )
         o_flat = o_g.transpose(0, 1).reshape(heads, -1, o_g.shape[-1])[:, bucket["query_slots"]]
         out = out.index_copy(1, bucket["query_targets"], o_flat)
