@@ -41,8 +41,9 @@ def test_row_budget_smaller_than_a_document(model_dir, tokenizer):
 
     def build(drop: bool):
         args = dpo_args(PrefixSharedDPOConfig, max_row_tokens=60, max_length=128, drop_invalid_examples=drop)
-        return PrefixSharedDPOTrainer(model=model_dir("llama"), args=args, train_dataset=rows,
-                                      processing_class=tokenizer)
+        return PrefixSharedDPOTrainer(
+            model=model_dir("llama"), args=args, train_dataset=rows, processing_class=tokenizer
+        )
 
     with pytest.raises(ValueError, match=r"more than `max_row_tokens=60`. Raise `max_row_tokens` to at least"):
         build(drop=False)
@@ -56,11 +57,15 @@ def test_row_budget_smaller_than_a_document(model_dir, tokenizer):
     "rows",
     [
         # identical responses: exact (no signal), finite loss
-        [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.", "rejected": f" It is {2 * i}."}
-         for i in range(4)],
+        [
+            {"prompt": f"Question {i}: {i} plus {i}?", "chosen": f" It is {i + i}.", "rejected": f" It is {i + i}."}
+            for i in range(4)
+        ],
         # prompts that end mid-word: the tokenizer merges across the boundary, so the prompt is not a token prefix
-        [{"prompt": f"Please complete the wor{'d' * i}", "chosen": "ds of the song", "rejected": "k you did"}
-         for i in range(4)],
+        [
+            {"prompt": f"Please complete the wor{'d' * i}", "chosen": "ds of the song", "rejected": "k you did"}
+            for i in range(4)
+        ],
         # empty prompts: nothing to share, laid out unshared
         [{"prompt": "", "chosen": f"Answer {i} is fine.", "rejected": f"Answer {i + 1} is not."} for i in range(4)],
     ],
@@ -86,13 +91,24 @@ def test_unsupported_architecture_fails_at_construction(tokenizer, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "gemma2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=50.0,
+        "gemma2",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attn_logit_softcapping=50.0,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
-        PrefixSharedDPOTrainer(model=str(tmp_path), args=dpo_args(), train_dataset=load_dataset_rows("pandalm", 4),
-                               processing_class=tokenizer)
+        PrefixSharedDPOTrainer(
+            model=str(tmp_path),
+            args=dpo_args(),
+            train_dataset=load_dataset_rows("pandalm", 4),
+            processing_class=tokenizer,
+        )
 
 
 def test_prompt_learning_peft_is_refused(tokenizer):
@@ -100,6 +116,10 @@ def test_prompt_learning_peft_is_refused(tokenizer):
 
     model = build_tiny_model("llama", len(tokenizer))
     with pytest.raises(ValueError, match="Prompt-learning PEFT"):
-        PrefixSharedDPOTrainer(model=model, args=dpo_args(), train_dataset=load_dataset_rows("pandalm", 4),
-                               processing_class=tokenizer,
-                               peft_config=PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+        PrefixSharedDPOTrainer(
+            model=model,
+            args=dpo_args(),
+            train_dataset=load_dataset_rows("pandalm", 4),
+            processing_class=tokenizer,
+            peft_config=PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+        )

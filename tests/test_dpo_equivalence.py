@@ -134,8 +134,9 @@ def test_explicit_ref_model(model_dir, tokenizer, hh_rows):
     def make(cls):
         ref = AutoModelForCausalLM.from_pretrained(model_dir("qwen2"))
         perturb(ref, seed=7)
-        trainer = cls(model=model_dir("qwen2"), ref_model=ref, args=dpo_args(), train_dataset=hh_rows,
-                      processing_class=tokenizer)
+        trainer = cls(
+            model=model_dir("qwen2"), ref_model=ref, args=dpo_args(), train_dataset=hh_rows, processing_class=tokenizer
+        )
         return trainer
 
     stock, ours = build_pair(make)
@@ -143,8 +144,9 @@ def test_explicit_ref_model(model_dir, tokenizer, hh_rows):
 
 
 def test_precomputed_reference_log_probs(model_dir, tokenizer, hh_rows):
-    stock, ours = make_pair(model_dir("llama"), tokenizer, hh_rows,
-                            args_factory=lambda: dpo_args(precompute_ref_log_probs=True))
+    stock, ours = make_pair(
+        model_dir("llama"), tokenizer, hh_rows, args_factory=lambda: dpo_args(precompute_ref_log_probs=True)
+    )
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         expected = torch.tensor(stock.train_dataset[column])
         assert relative_difference(torch.tensor(ours.train_dataset[column]), expected) <= 1e-5
@@ -193,8 +195,9 @@ def test_evaluate_metrics_match(model_dir, tokenizer):
 
 def test_share_prefix_off_and_multiple_rows_stay_exact(model_dir, tokenizer, hh_rows):
     for options in (dict(share_prefix=False), dict(max_row_tokens=400)):
-        stock, ours = make_pair(model_dir("llama"), tokenizer, hh_rows,
-                                args_factory=lambda o=options: dpo_args(PrefixSharedDPOConfig, **o))
+        stock, ours = make_pair(
+            model_dir("llama"), tokenizer, hh_rows, args_factory=lambda o=options: dpo_args(PrefixSharedDPOConfig, **o)
+        )
         batch = first_batch(ours, BATCH)
         if "max_row_tokens" in options:
             assert batch["prefix_share"]["input_ids"].size(0) > 1
@@ -203,8 +206,9 @@ def test_share_prefix_off_and_multiple_rows_stay_exact(model_dir, tokenizer, hh_
 
 def test_keep_end_truncation_falls_back_to_unshared_exactly(model_dir, tokenizer):
     rows = load_dataset_rows("ultrafeedback", 8)
-    stock, ours = make_pair(model_dir("qwen2"), tokenizer, rows,
-                            args_factory=lambda: dpo_args(max_length=64, truncation_mode="keep_end"))
+    stock, ours = make_pair(
+        model_dir("qwen2"), tokenizer, rows, args_factory=lambda: dpo_args(max_length=64, truncation_mode="keep_end")
+    )
     assert_equivalent(stock, ours, first_batch(stock, BATCH), first_batch(ours, BATCH))
 
 
@@ -243,9 +247,17 @@ def test_twenty_step_training_curve(model_dir, tokenizer):
 @pytest.mark.slow
 def test_gradient_accumulation_and_sync_ref_model(model_dir, tokenizer, hh_rows):
     def args():
-        return dpo_args(max_steps=4, logging_steps=1, learning_rate=5e-4, per_device_train_batch_size=2,
-                        gradient_accumulation_steps=2, sync_ref_model=True, ref_model_sync_steps=2,
-                        ref_model_mixup_alpha=0.5, gradient_checkpointing=False)
+        return dpo_args(
+            max_steps=4,
+            logging_steps=1,
+            learning_rate=5e-4,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            sync_ref_model=True,
+            ref_model_sync_steps=2,
+            ref_model_mixup_alpha=0.5,
+            gradient_checkpointing=False,
+        )
 
     def make(cls):
         return cls(model=model_dir("qwen2"), args=args(), train_dataset=hh_rows, processing_class=tokenizer)
@@ -263,9 +275,19 @@ def test_moe_aux_loss_is_added(tokenizer, hh_rows, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "qwen3_moe", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
-        num_experts_per_tok=2, router_aux_loss_coef=0.01, output_router_logits=True,
+        "qwen3_moe",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.01,
+        output_router_logits=True,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
@@ -281,7 +303,8 @@ def test_moe_aux_loss_is_added(tokenizer, hh_rows, tmp_path):
 
 
 def test_plain_dpo_config_gets_defaults(model_dir, tokenizer, hh_rows):
-    trainer = PrefixSharedDPOTrainer(model=model_dir("llama"), args=dpo_args(), train_dataset=hh_rows,
-                                     processing_class=tokenizer)
+    trainer = PrefixSharedDPOTrainer(
+        model=model_dir("llama"), args=dpo_args(), train_dataset=hh_rows, processing_class=tokenizer
+    )
     assert trainer.prefix_share_args.share_prefix and trainer.prefix_share_args.max_row_tokens is None
     assert isinstance(trainer, DPOTrainer)

@@ -7,6 +7,7 @@ stock layout. Everything else (all loss types, reference handling, PEFT, precomp
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -45,6 +46,15 @@ def _is_prompt_learning(peft_config: Any) -> bool:
     return bool(getattr(peft_config, "is_prompt_learning", False))
 
 
+def _needs_reference_copy(model: Any, args: Any, peft_config: Any) -> bool:
+    """A full fine-tune of an in-memory model that TRL could not reload by name for its reference."""
+    if isinstance(model, str) or peft_config is not None or is_peft_model(model):
+        return False
+    if args is not None and args.precompute_ref_log_probs:
+        return False
+    return not getattr(model.config, "_name_or_path", "")
+
+
 class PrefixSharedDPOTrainer(DPOTrainer):
     """Drop-in replacement for [`~trl.DPOTrainer`]: same constructor, same config ([`~trl.DPOConfig`] or
     [`PrefixSharedDPOConfig`] for the extra knobs), same losses, gradients and metrics; fewer tokens processed.
@@ -75,6 +85,11 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         self.prefix_share_totals = {"tokens": 0, "stock_tokens": 0}
         if _is_prompt_learning(peft_config):
             raise ValueError(PROMPT_LEARNING_ERROR)
+        if ref_model is None and _needs_reference_copy(model, args, peft_config):
+            # TRL would reload the reference from `config._name_or_path`, which a model built from a config lacks
+            # (it fails with an unhelpful repo-id error). The reference is the initial policy, so copy it.
+            logger.info("The model has no path to reload a reference from: using a copy of the initial model.")
+            ref_model = copy.deepcopy(model)
         super().__init__(
             model,
             ref_model=ref_model,
