@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -50,6 +51,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from trl_prefix_share import PrefixSharedDPOTrainer  # noqa: E402
+from trl_prefix_share.collator import PACKED_KEY  # noqa: E402
 
 SHARED = Path(os.environ.get("TRL_PREFIX_SHARE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 DEFAULT_DATASET = SHARED / "data" / "hh_harmless_base_test.jsonl"
@@ -64,6 +66,7 @@ class RunResult:
     trainer: str
     gradient_checkpointing: bool
     step_seconds: list[float]
+    cpu_seconds: list[float]
     tokens_per_step: float
     stock_tokens_per_step: float
     setup_seconds: float
@@ -76,7 +79,10 @@ class Summary:
     gradient_checkpointing: bool
     stock_median_s: float
     ours_median_s: float
+    stock_cpu_median_s: float
+    ours_cpu_median_s: float
     speed_ratio: float
+    mean_speed_ratio: float
     stock_tokens_per_step: float
     ours_tokens_per_step: float
     token_limit: float
@@ -85,16 +91,19 @@ class Summary:
 
 
 class StepTimer(TrainerCallback):
-    """Records the wall time at the end of every optimizer step (and a token counter read at that moment)."""
+    """Records wall and CPU time at the end of every optimizer step, and the trainer's token totals at that moment."""
 
-    def __init__(self, read_tokens: Callable[[], tuple[int, int]]) -> None:
-        self.read_tokens = read_tokens
+    def __init__(self, trainer: DPOTrainer) -> None:
+        self.trainer = trainer
         self.step_ends: list[float] = []
+        self.cpu_ends: list[float] = []
         self.token_marks: list[tuple[int, int]] = []
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.step_ends.append(time.perf_counter())
-        self.token_marks.append(self.read_tokens())
+        self.cpu_ends.append(time.process_time())
+        totals = getattr(self.trainer, "prefix_share_totals", None)
+        self.token_marks.append((totals["tokens"], totals["stock_tokens"]) if totals else (0, 0))
 
 
 class CountingCollator:
@@ -110,15 +119,35 @@ class CountingCollator:
         return batch
 
 
-def load_rows(path: Path, limit: int) -> Dataset:
-    """The first ``limit`` rows of a JSONL preference file (any TRL preference format)."""
-    rows = []
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """All rows of a JSONL preference file (any TRL preference format)."""
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if len(rows) >= limit:
-                break
-            rows.append(json.loads(line))
-    return Dataset.from_list(rows)
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def sample_rows(rows: list[dict[str, Any]], count: int, seed: int) -> Dataset:
+    """A seeded random sample of ``count`` rows (all rows if fewer), so timed batches represent the whole file."""
+    picked = random.Random(seed).sample(rows, min(count, len(rows)))
+    return Dataset.from_list(picked)
+
+
+def dataset_token_limit(
+    args: argparse.Namespace, model_dir: str, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
+) -> tuple[float, float, int]:
+    """Stock and packed tokens per step over every batch of the whole file (collation only, no model step)."""
+    with tempfile.TemporaryDirectory(prefix="bench-dpo-out-") as output_dir:
+        trainer = PrefixSharedDPOTrainer(
+            model=model_dir,
+            args=make_config(args, output_dir, gradient_checkpointing=True),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+        stock = ours = batches = 0
+        for batch in trainer.get_train_dataloader():
+            stock += batch["input_ids"].numel()
+            ours += batch[PACKED_KEY]["input_ids"].numel()
+            batches += 1
+    return stock / batches, ours / batches, batches
 
 
 def build_model_dir(tokenizer: PreTrainedTokenizerBase, layers: int, hidden: int, heads: int, seed: int) -> str:
@@ -182,19 +211,15 @@ def run_once(
             trainer.remove_callback(callback)
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
-
-        def read_tokens() -> tuple[int, int]:
-            totals = getattr(trainer, "prefix_share_totals", None)
-            return (totals["tokens"], totals["stock_tokens"]) if totals else (0, 0)
-
-        timer = StepTimer(read_tokens)
+        timer = StepTimer(trainer)
         trainer.add_callback(timer)
         setup = time.perf_counter() - started
         trainer.train()
     ends = timer.step_ends
     if len(ends) != args.warmup + args.steps:
         raise RuntimeError(f"{name}: expected {args.warmup + args.steps} steps, got {len(ends)}")
-    step_seconds = [b - a for a, b in zip(ends[args.warmup - 1 : -1], ends[args.warmup :], strict=True)]
+    step_seconds = _intervals(ends, args.warmup)
+    cpu_seconds = _intervals(timer.cpu_ends, args.warmup)
     if name == "ours":
         first, last = timer.token_marks[args.warmup - 1], timer.token_marks[-1]
         tokens = (last[0] - first[0]) / args.steps
@@ -203,9 +228,13 @@ def run_once(
         # The dataloader may collate one batch ahead: the trained batches are the first ones collated.
         timed = counter.counts[args.warmup : args.warmup + args.steps]
         tokens = stock_tokens = sum(timed) / args.steps
-    del trainer
-    gc.collect()
-    return RunResult(name, gradient_checkpointing, step_seconds, tokens, stock_tokens, setup)
+    timer.trainer = None
+    return RunResult(name, gradient_checkpointing, step_seconds, cpu_seconds, tokens, stock_tokens, setup)
+
+
+def _intervals(marks: list[float], warmup: int) -> list[float]:
+    """Durations of the steps after the first ``warmup`` ones, from consecutive end-of-step marks."""
+    return [b - a for a, b in zip(marks[warmup - 1 : -1], marks[warmup:], strict=True)]
 
 
 def summarize(results: list[RunResult], gradient_checkpointing: bool) -> Summary:
@@ -225,6 +254,8 @@ def summarize(results: list[RunResult], gradient_checkpointing: bool) -> Summary
                 file=sys.stderr,
             )
     speed = stock_median / ours_median
+    stock_mean = statistics.mean(s for r in stock for s in r.step_seconds)
+    ours_mean = statistics.mean(s for r in ours for s in r.step_seconds)
     limit = stock_tokens / ours_tokens
     per_round = [
         statistics.median(s.step_seconds) / statistics.median(o.step_seconds) for s, o in zip(stock, ours, strict=False)
@@ -233,7 +264,10 @@ def summarize(results: list[RunResult], gradient_checkpointing: bool) -> Summary
         gradient_checkpointing=gradient_checkpointing,
         stock_median_s=stock_median,
         ours_median_s=ours_median,
+        stock_cpu_median_s=statistics.median(s for r in stock for s in r.cpu_seconds),
+        ours_cpu_median_s=statistics.median(s for r in ours for s in r.cpu_seconds),
         speed_ratio=speed,
+        mean_speed_ratio=stock_mean / ours_mean,
         stock_tokens_per_step=stock_tokens,
         ours_tokens_per_step=ours_tokens,
         token_limit=limit,
@@ -246,12 +280,17 @@ def print_table(summary: Summary) -> None:
     """A small text table of one setting."""
     gc_label = "on (TRL default)" if summary.gradient_checkpointing else "off"
     print(f"\ngradient checkpointing: {gc_label}")
-    print(f"{'trainer':<26}{'median step (s)':>16}{'tokens/step':>14}")
-    print(f"{'trl.DPOTrainer':<26}{summary.stock_median_s:>16.3f}{summary.stock_tokens_per_step:>14.0f}")
-    print(f"{'PrefixSharedDPOTrainer':<26}{summary.ours_median_s:>16.3f}{summary.ours_tokens_per_step:>14.0f}")
+    print(f"{'trainer':<26}{'median step (s)':>16}{'cpu s/step':>12}{'tokens/step':>14}")
+    for label, wall, cpu, tokens in (
+        ("trl.DPOTrainer", summary.stock_median_s, summary.stock_cpu_median_s, summary.stock_tokens_per_step),
+        ("PrefixSharedDPOTrainer", summary.ours_median_s, summary.ours_cpu_median_s, summary.ours_tokens_per_step),
+    ):
+        print(f"{label:<26}{wall:>16.3f}{cpu:>12.3f}{tokens:>14.0f}")
     rounds = ", ".join(f"{r:.2f}x" for r in summary.per_round_speed_ratio)
-    print(f"speed ratio (stock/ours): {summary.speed_ratio:.2f}x   (per round: {rounds})")
-    print(f"token limit (stock/ours tokens): {summary.token_limit:.2f}x")
+    cpu_ratio = summary.stock_cpu_median_s / summary.ours_cpu_median_s
+    print(f"speed ratio (stock/ours), median step: {summary.speed_ratio:.2f}x   (per round: {rounds})")
+    print(f"speed ratio, mean step (throughput): {summary.mean_speed_ratio:.2f}x   CPU time: {cpu_ratio:.2f}x")
+    print(f"token limit on the timed batches (stock/ours tokens): {summary.token_limit:.2f}x")
     print(f"share of the token limit reached: {summary.share_of_token_limit:.2f}")
 
 
@@ -260,8 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="JSONL preference data")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every run")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating (stock, ours) rounds")
     parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (pairs)")
     parser.add_argument("--layers", type=int, default=4)
@@ -274,7 +313,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="on",
         help="'on' is TRL's DPOConfig default",
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--dataset-stats",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the token limit over every batch of the whole file (collation only)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write all measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
@@ -285,13 +331,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the alternating benchmark and print (and optionally save) the results."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    dataset = load_rows(args.dataset, args.batch_size * (args.warmup + args.steps))
+    rows = load_rows(args.dataset)
+    dataset = sample_rows(rows, args.batch_size * (args.warmup + args.steps), args.seed)
     model_dir = build_model_dir(tokenizer, args.layers, args.hidden, args.heads, args.seed)
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.gradient_checkpointing]
     print(
-        f"data {args.dataset.name} ({len(dataset)} pairs), batch {args.batch_size}, Llama {args.layers}x{args.hidden} "
+        f"data {args.dataset.name} ({len(dataset)} of {len(rows)} pairs, seeded sample), batch {args.batch_size}, "
+        f"Llama {args.layers}x{args.hidden} "
         f"({args.heads} heads), fp32 on CPU, {torch.get_num_threads()} threads, max_length {args.max_length}, "
         f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up); "
         f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
@@ -302,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in ("stock", "ours"):
                 result = run_once(name, args, model_dir, tokenizer, dataset, gradient_checkpointing)
                 results.append(result)
+                gc.collect()
                 print(
                     f"  gc={'on' if gradient_checkpointing else 'off'} round {round_index + 1} {name:>5}: "
                     f"median {statistics.median(result.step_seconds):.3f} s/step, "
@@ -311,12 +362,22 @@ def main(argv: list[str] | None = None) -> None:
     summaries = [summarize(results, gc_value) for gc_value in settings]
     for summary in summaries:
         print_table(summary)
+    whole: dict[str, float] | None = None
+    if args.dataset_stats:
+        stock_tokens, our_tokens, batches = dataset_token_limit(args, model_dir, tokenizer, rows)
+        whole = {"stock_tokens_per_step": stock_tokens, "ours_tokens_per_step": our_tokens, "batches": batches}
+        whole["token_limit"] = stock_tokens / our_tokens
+        print(
+            f"\nwhole file ({batches} batches of {args.batch_size}): {stock_tokens:.0f} stock vs "
+            f"{our_tokens:.0f} packed tokens/step, token limit {whole['token_limit']:.2f}x"
+        )
     if args.json is not None:
         payload = {
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
             "summaries": [asdict(s) for s in summaries],
+            "whole_file_tokens": whole,
             "runs": [asdict(r) for r in results],
         }
         args.json.write_text(json.dumps(payload, indent=2))

@@ -46,8 +46,12 @@ def expected_shared_length(sequences: list[tuple[list[int], int]]) -> int:
 
 
 def expected_doc_tokens(sequences: list[tuple[list[int], int]], share: bool = True) -> int:
+    """Tokens of a document: the shared head once, then one branch per distinct sequence (identical sequences, same
+    tokens and same prompt split, are scored from one branch when sharing)."""
     shared = expected_shared_length(sequences) if share else 0
     head = shared - 1 if shared >= 2 else 0
+    if share:
+        sequences = list(dict.fromkeys((tuple(tokens), start) for tokens, start in sequences))
     return head + sum(len(tokens) - head for tokens, _ in sequences)
 
 
@@ -140,12 +144,13 @@ def check_layout(
     # Every sequence is laid out in full (its last token sees the whole sequence).
     assert seen_full == full_sequences
 
-    # (c) labels: each stock-labelled position appears exactly once, with the right context and next token.
+    # (c) labels: each stock-labelled position appears exactly once, with the right context and next token (a packed
+    # position may serve several identical sequences).
     label_index = packed["label_index"].tolist()
     target_index = packed["target_index"].tolist()
     assert len(label_index) == len(target_index)
     flat_labels = [label for row in labels for label in row]
-    assert label_index == [k for k, label in enumerate(flat_labels) if label != IGNORE_INDEX]
+    assert sorted(set(label_index)) == [k for k, label in enumerate(flat_labels) if label != IGNORE_INDEX]
     expected_targets = {
         row * width + j for row, (tokens, start) in by_row.items() for j in range(len(tokens) - 1) if j + 1 >= start
     }

@@ -40,10 +40,25 @@ class SequenceSpec:
 
 @dataclass(frozen=True)
 class DocumentSpec:
-    """Sequences that may share their prompt; ``shared_length`` tokens are identical at the start of all of them."""
+    """Sequences that may share their prompt; ``shared_length`` tokens are identical at the start of all of them.
+
+    ``aliases[i]`` is the index of the first sequence identical to sequence ``i`` (``i`` itself when unique): an
+    identical sequence is not laid out again but scored from the same branch, which is exact to the bit (identical
+    chosen and rejected responses then get identical rewards, as in stock TRL) and saves its tokens.
+    """
 
     sequences: tuple[SequenceSpec, ...]
     shared_length: int
+    aliases: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.aliases:
+            object.__setattr__(self, "aliases", tuple(range(len(self.sequences))))
+
+    @property
+    def branches(self) -> list[int]:
+        """Indices of the sequences laid out as branches (the unique ones), in order."""
+        return [i for i, alias in enumerate(self.aliases) if alias == i]
 
     @property
     def branch_start(self) -> int:
@@ -54,7 +69,7 @@ class DocumentSpec:
     def num_tokens(self) -> int:
         """Tokens this document occupies in a packed row."""
         start = self.branch_start
-        return start + sum(len(seq.tokens) - start for seq in self.sequences)
+        return start + sum(len(self.sequences[i].tokens) - start for i in self.branches)
 
 
 def shareable_length(sequences: list[SequenceSpec]) -> int:
@@ -76,10 +91,32 @@ def shareable_length(sequences: list[SequenceSpec]) -> int:
     return shared if shared >= 2 else 0
 
 
+def identical_sequences(sequences: list[SequenceSpec]) -> tuple[int, ...]:
+    """For each sequence, the index of the first sequence with the same tokens and prompt split."""
+    aliases: list[int] = []
+    for index, seq in enumerate(sequences):
+        match = index
+        for earlier in range(index):
+            other = sequences[earlier]
+            if (
+                aliases[earlier] == earlier
+                and other.completion_start == seq.completion_start
+                and torch.equal(other.tokens, seq.tokens)
+            ):
+                match = earlier
+                break
+        aliases.append(match)
+    return tuple(aliases)
+
+
 def make_document(sequences: list[SequenceSpec], share_prefix: bool = True) -> DocumentSpec:
-    """Group sequences into one document, sharing their common prompt prefix when ``share_prefix``."""
-    shared = shareable_length(sequences) if share_prefix else 0
-    return DocumentSpec(sequences=tuple(sequences), shared_length=shared)
+    """Group sequences into one document: identical ones scored from one branch, the common prompt prefix shared
+    when ``share_prefix`` (with ``share_prefix=False`` every sequence is laid out on its own, for ablations)."""
+    if not share_prefix:
+        return DocumentSpec(sequences=tuple(sequences), shared_length=0)
+    return DocumentSpec(
+        sequences=tuple(sequences), shared_length=shareable_length(sequences), aliases=identical_sequences(sequences)
+    )
 
 
 def assign_rows(lengths: list[int], max_row_tokens: int | None) -> list[list[int]]:
@@ -234,9 +271,9 @@ def pack_documents(
             if start:
                 segments.append(_Segment(source_start[first], start, dest, 0, doc_index, 0, -1))
                 dest += start
-            for branch, seq in enumerate(doc.sequences, start=1):
-                index = first + branch - 1
-                length = len(seq.tokens) - start
+            for branch, member in enumerate(doc.branches, start=1):
+                index = first + member
+                length = len(doc.sequences[member].tokens) - start
                 segments.append(_Segment(source_start[index] + start, length, dest, start, doc_index, branch, index))
                 if branch == 1:
                     trunk_groups.append(_Group(shared_dest, start + length, 0, shared_dest, start, dest))
@@ -274,8 +311,19 @@ def pack_documents(
         labelled = (sequence >= 0) & (next_pos < seq_info[owner, 0]) & (next_pos >= seq_info[owner, 1])
         label_index = dst[labelled]
         shift_labels[label_index] = source[src[labelled] + 1]
-        virtual_row = seq_info[owner[labelled], 2]
-        target_index = virtual_row * (virtual_length - 1) + pos[labelled]
+        labelled_owner, labelled_pos = owner[labelled], pos[labelled]
+        # Sequences identical to an earlier one are scored from its branch: same packed positions, their own rows.
+        for doc_index, doc in enumerate(documents):
+            for member, alias in enumerate(doc.aliases):
+                if alias != member:
+                    same = labelled_owner == first_sequence[doc_index] + alias
+                    label_index = torch.cat([label_index, label_index[same]])
+                    labelled_owner = torch.cat(
+                        [labelled_owner, labelled_owner[same].fill_(first_sequence[doc_index] + member)]
+                    )
+                    labelled_pos = torch.cat([labelled_pos, labelled_pos[same]])
+        virtual_row = seq_info[labelled_owner, 2]
+        target_index = virtual_row * (virtual_length - 1) + labelled_pos
         branch_lengths = torch.bincount(virtual_row, minlength=num_virtual_rows)
 
     shape = (num_rows, row_length)
