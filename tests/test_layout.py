@@ -464,3 +464,41 @@ def test_collator_matches_stock_batch_and_packs_it_exactly(tokenizer, truncation
     if truncation_mode == "keep_end":
         # keep_end kept different prompt tails for pairs whose responses differ in length: they must not share.
         assert not all(shared)
+
+
+def test_label_start_scores_the_shared_prompt_once_for_the_first_sequence():
+    """ORPO-style scoring of prompt + chosen: shared prompt positions are scored for the first sequence only."""
+    prompt, chosen, rejected = [5, 6, 7, 8], [9, 10], [11]
+    first = SequenceSpec(torch.tensor(prompt + chosen), completion_start=4, virtual_row=0, label_start=1)
+    second = SequenceSpec(torch.tensor(prompt + rejected), completion_start=4, virtual_row=1)
+    doc = make_document([first, second])
+    assert doc.shared_length == 4
+    width = 6
+    packed = pack_documents([doc], num_virtual_rows=2, virtual_length=width + 1, pad_token_id=PAD_ID)
+    targets = sorted(packed["target_index"].tolist())
+    # first sequence: positions 0..4 predict tokens 1..5; second: position 3 predicts its completion token
+    assert targets == [0, 1, 2, 3, 4, width + 3]
+    labels = packed["shift_labels"].view(-1)[packed["label_index"]].tolist()
+    by_target = dict(zip(packed["target_index"].tolist(), labels, strict=True))
+    assert [by_target[t] for t in range(5)] == (prompt + chosen)[1:]
+    assert by_target[width + 3] == rejected[0]
+
+
+def test_a_later_sequence_scoring_its_prompt_stops_sharing():
+    first = SequenceSpec(torch.tensor([5, 6, 7, 8, 9]), completion_start=4, virtual_row=0)
+    second = SequenceSpec(torch.tensor([5, 6, 7, 8, 10]), completion_start=4, virtual_row=1, label_start=2)
+    assert shareable_length([first, second]) == 2
+
+
+def test_last_index_points_at_each_sequence_last_token():
+    sequences = [
+        SequenceSpec(torch.tensor([5, 6, 7, 9]), completion_start=3, virtual_row=0),
+        SequenceSpec(torch.tensor([5, 6, 7, 9]), completion_start=3, virtual_row=2),  # identical: same last token
+        SequenceSpec(torch.tensor([5, 6, 7, 11, 12]), completion_start=3, virtual_row=1),
+    ]
+    packed = pack_documents([make_document(sequences)], 3, 6, pad_token_id=PAD_ID)
+    ids, positions = packed["input_ids"].view(-1), packed["position_ids"].view(-1)
+    last = packed["last_index"].tolist()
+    assert last[0] == last[2]
+    assert ids[last[0]] == 9 and positions[last[0]] == 3
+    assert ids[last[1]] == 12 and positions[last[1]] == 4

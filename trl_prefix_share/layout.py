@@ -29,13 +29,22 @@ class SequenceSpec:
 
     Attributes:
         tokens: 1D token ids of prompt + completion, exactly as the stock batch holds them (no padding).
-        completion_start: index in ``tokens`` of the first completion token (``len(tokens)`` if none).
+        completion_start: index in ``tokens`` of the first completion token (``len(tokens)`` if none); only tokens
+            before it can be shared with other sequences.
         virtual_row: row of this sequence in the stock ``[num_sequences, L]`` batch.
+        label_start: index of the first token that is predicted (scored); defaults to ``completion_start``. ORPO's
+            NLL term scores the prompt too (``label_start=1``); shared prompt positions are then scored for the
+            document's first sequence only.
     """
 
     tokens: torch.Tensor
     completion_start: int
     virtual_row: int
+    label_start: int | None = None
+
+    @property
+    def first_label(self) -> int:
+        return self.completion_start if self.label_start is None else self.label_start
 
 
 @dataclass(frozen=True)
@@ -75,12 +84,17 @@ class DocumentSpec:
 def shareable_length(sequences: list[SequenceSpec]) -> int:
     """Longest prefix that all sequences have in common and that lies inside every prompt.
 
-    Only prompt tokens are shared: a shared position's next-token label is then a prompt token, never scored.
-    Returns 0 when fewer than 2 tokens could be shared (nothing would be saved).
+    Only prompt tokens are shared. A shared position is scored for the first sequence only, so sharing stops where
+    any later sequence starts being scored. Returns 0 when fewer than 2 tokens could be shared (nothing would be
+    saved).
     """
     if len(sequences) < 2:
         return 0
-    limit = min(min(seq.completion_start for seq in sequences), min(len(seq.tokens) for seq in sequences))
+    limit = min(
+        min(seq.completion_start for seq in sequences),
+        min(seq.first_label for seq in sequences[1:]),
+        min(len(seq.tokens) for seq in sequences),
+    )
     if limit < 2:
         return 0
     head = sequences[0].tokens[:limit]
@@ -92,7 +106,7 @@ def shareable_length(sequences: list[SequenceSpec]) -> int:
 
 
 def identical_sequences(sequences: list[SequenceSpec]) -> tuple[int, ...]:
-    """For each sequence, the index of the first sequence with the same tokens and prompt split."""
+    """For each sequence, the index of the first sequence with the same tokens, prompt split and scored span."""
     aliases: list[int] = []
     for index, seq in enumerate(sequences):
         match = index
@@ -101,6 +115,7 @@ def identical_sequences(sequences: list[SequenceSpec]) -> tuple[int, ...]:
             if (
                 aliases[earlier] == earlier
                 and other.completion_start == seq.completion_start
+                and other.first_label == seq.first_label
                 and torch.equal(other.tokens, seq.tokens)
             ):
                 match = earlier
@@ -157,7 +172,7 @@ class _Segment:
     position: int  # position id of its first token
     document: int
     branch: int  # 0: shared prefix
-    sequence: int  # index of the sequence whose next tokens it predicts (-1: shared prefix, never labelled)
+    sequence: int  # index of the sequence whose next tokens it predicts
 
 
 @dataclass
@@ -241,7 +256,8 @@ def pack_documents(
     Returns a dict of tensors: ``input_ids``, ``position_ids``, ``shift_labels``, ``document_ids``, ``branch_ids``
     (all ``[rows, T]``), ``label_index`` (flat packed index of every labelled position, row-major) and
     ``target_index`` (its flat index in the shifted virtual layout), ``branch_lengths`` (labelled tokens per
-    sequence, by virtual row), and ``attention_buckets`` (a list) when ``sdpa_buckets``.
+    sequence, by virtual row), ``last_index`` (flat packed index of each sequence's last token, by virtual row: where
+    a reward model reads its score), and ``attention_buckets`` (a list) when ``sdpa_buckets``.
     """
     row_members = assign_rows([doc.num_tokens for doc in documents], max_row_tokens)
     longest_row = max((sum(documents[i].num_tokens for i in row) for row in row_members), default=1)
@@ -259,6 +275,7 @@ def pack_documents(
             offset += len(seq.tokens)
 
     segments: list[_Segment] = []
+    last_flat = [0] * len(sequences)
     trunk_groups: list[_Group] = []
     side_groups: list[_Group] = []
     for row, members in enumerate(row_members):
@@ -268,13 +285,15 @@ def pack_documents(
             start = doc.branch_start
             first = first_sequence[doc_index]
             shared_dest = dest
-            if start:
-                segments.append(_Segment(source_start[first], start, dest, 0, doc_index, 0, -1))
+            if start:  # shared prefix: scored, if at all, for the document's first sequence
+                owner = first + doc.branches[0]
+                segments.append(_Segment(source_start[owner], start, dest, 0, doc_index, 0, owner))
                 dest += start
             for branch, member in enumerate(doc.branches, start=1):
                 index = first + member
                 length = len(doc.sequences[member].tokens) - start
                 segments.append(_Segment(source_start[index] + start, length, dest, start, doc_index, branch, index))
+                last_flat[index] = dest + length - 1
                 if branch == 1:
                     trunk_groups.append(_Group(shared_dest, start + length, 0, shared_dest, start, dest))
                 else:
@@ -304,11 +323,10 @@ def pack_documents(
         branch_ids[dst] = seg_branch[run]
 
         # Position j of a sequence predicts its token j+1 when that token is a completion token.
-        seq_info = torch.tensor([[len(q.tokens), q.completion_start, q.virtual_row] for q in sequences])
-        sequence = seg_sequence[run]
-        owner = sequence.clamp(min=0)
+        seq_info = torch.tensor([[len(q.tokens), q.first_label, q.virtual_row] for q in sequences])
+        owner = seg_sequence[run]
         next_pos = pos + 1
-        labelled = (sequence >= 0) & (next_pos < seq_info[owner, 0]) & (next_pos >= seq_info[owner, 1])
+        labelled = (next_pos < seq_info[owner, 0]) & (next_pos >= seq_info[owner, 1])
         label_index = dst[labelled]
         shift_labels[label_index] = source[src[labelled] + 1]
         labelled_owner, labelled_pos = owner[labelled], pos[labelled]
@@ -316,6 +334,7 @@ def pack_documents(
         for doc_index, doc in enumerate(documents):
             for member, alias in enumerate(doc.aliases):
                 if alias != member:
+                    last_flat[first_sequence[doc_index] + member] = last_flat[first_sequence[doc_index] + alias]
                     same = labelled_owner == first_sequence[doc_index] + alias
                     label_index = torch.cat([label_index, label_index[same]])
                     labelled_owner = torch.cat(
@@ -326,6 +345,9 @@ def pack_documents(
         target_index = virtual_row * (virtual_length - 1) + labelled_pos
         branch_lengths = torch.bincount(virtual_row, minlength=num_virtual_rows)
 
+    last_index = torch.zeros(num_virtual_rows, dtype=torch.long)
+    if sequences:
+        last_index[torch.tensor([q.virtual_row for q in sequences])] = torch.tensor(last_flat)
     shape = (num_rows, row_length)
     batch: dict[str, torch.Tensor | list[dict[str, torch.Tensor]]] = {
         "input_ids": input_ids.view(shape),
@@ -336,6 +358,7 @@ def pack_documents(
         "label_index": label_index,
         "target_index": target_index,
         "branch_lengths": branch_lengths,
+        "last_index": last_index,
     }
     if sdpa_buckets:
         buckets = [(trunk_groups, True), (side_groups, False)]
