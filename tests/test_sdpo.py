@@ -236,3 +236,43 @@ def test_easy_to_hard_ordering(model_dir, tokenizer, rows, tmp_path):
     assert scored == sorted(scored, reverse=True) and len(scored) >= 4  # easy (large margin) first
     dropped = [i for i in sequence if i not in margins]  # TRL drops these while preparing: they go last
     assert sequence[len(sequence) - len(dropped) :] == dropped
+
+
+def test_precomputed_reference_is_recomputed_per_step(model_dir, tokenizer, rows, tmp_path):
+    sdpo = StepwiseDPO(
+        model_dir("llama"),
+        args=sdpo_args(tmp_path, learning_rate=5e-3, precompute_ref_log_probs=True),
+        train_dataset=rows,
+        processing_class=tokenizer,
+        sdpo_config=StepwiseDPOConfig(num_chunks=2),
+    )
+    sdpo.train()
+    chunk_two = split_into_chunks(rows, StepwiseDPOConfig(num_chunks=2))[1]
+    stock = DPOTrainer(
+        model=str(tmp_path / "step-1" / "model"),
+        args=dpo_args(output_dir=str(tmp_path / "check"), precompute_ref_log_probs=True),
+        train_dataset=chunk_two,
+        processing_class=tokenizer,
+    )
+    step_two = sdpo.trainers[1].train_dataset
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        expected = torch.tensor(stock.train_dataset[column])
+        assert relative_difference(torch.tensor(step_two[column]), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_learning_rate_schedule_per_step_or_continuous(fresh, model_dir, tokenizer, rows, tmp_path):
+    sdpo = StepwiseDPO(
+        model_dir("llama"),
+        args=sdpo_args(tmp_path, lr_scheduler_type="linear"),
+        train_dataset=rows,
+        processing_class=tokenizer,
+        sdpo_config=StepwiseDPOConfig(num_chunks=2, fresh_schedule=fresh),
+    )
+    sdpo.train()
+    rates = [[e["learning_rate"] for e in t.state.log_history if "learning_rate" in e] for t in sdpo.trainers]
+    assert all(a > b for steps in rates for a, b in zip(steps, steps[1:], strict=False))  # decays within a step
+    if fresh:
+        assert rates[1][0] == pytest.approx(rates[0][0])  # restarts
+    else:
+        assert rates[1][0] < rates[0][-1]  # carries on decaying across the step boundary
