@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from trl import DPOConfig, DPOTrainer
 from .collator import PACKED_KEY, PrefixSharedPreferenceCollator
 from .model_support import enable_prefix_sharing, verify_packed_forward
 from .options import PrefixShareArguments, packing_options, prefix_share_arguments
+from .token_metrics import log_token_counts
 from .validation import validate_preference_dataset
 
 if TYPE_CHECKING:
@@ -160,16 +160,4 @@ class PrefixSharedDPOTrainer(DPOTrainer):
 
     def _log_token_counts(self, inputs: dict[str, Any]) -> None:
         """Tokens run by the packed forward vs by stock TRL's padded batch (shapes only: no device sync)."""
-        mode = "train" if self.model.training else "eval"
-        ours = inputs[PACKED_KEY]["input_ids"].numel()
-        stock = inputs["input_ids"].numel()
-        if self.accelerator.num_processes > 1:
-            counts = torch.tensor([ours, stock], device=self.accelerator.device)
-            ours, stock = self.accelerator.gather_for_metrics(counts.unsqueeze(0)).sum(0).tolist()
-        if mode == "train":
-            self.prefix_share_totals["tokens"] += ours
-            self.prefix_share_totals["stock_tokens"] += stock
-        metrics = self._metrics.setdefault(mode, defaultdict(list))
-        metrics["prefix_share/tokens"].append(ours)
-        metrics["prefix_share/stock_tokens"].append(stock)
-        metrics["prefix_share/token_ratio"].append(stock / max(ours, 1))
+        log_token_counts(self, inputs[PACKED_KEY]["input_ids"].numel(), inputs["input_ids"].numel())
