@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
+from torch.utils.data import Sampler
 from transformers import (
     DataCollator,
     EvalPrediction,
@@ -24,7 +25,8 @@ from transformers import (
 )
 from trl import DPOConfig, DPOTrainer
 
-from .collator import PACKED_KEY, PrefixSharedPreferenceCollator
+from .collator import PACKED_KEY, PrefixSharedPreferenceCollator, pair_documents
+from .grouping import GroupByPrompt, prompt_grouped_sampler
 from .model_support import enable_prefix_sharing, verify_packed_forward
 from .options import PrefixShareArguments, packing_options, prefix_share_arguments
 from .token_metrics import log_token_counts
@@ -64,6 +66,7 @@ class PrefixSharedDPOTrainer(DPOTrainer):
     """
 
     _tag_names = ["trl", "dpo", "prefix-share"]
+    _always_group_by_prompt = False
 
     def __init__(
         self,
@@ -81,6 +84,8 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         peft_config: PeftConfig | None = None,
     ) -> None:
         self.prefix_share_args = prefix_share_arguments(args) if args is not None else PrefixShareArguments()
+        if self._always_group_by_prompt:
+            self.prefix_share_args.group_by_prompt = True
         self._prefix_share_installed = False
         self.prefix_share_totals = {"tokens": 0, "stock_tokens": 0}
         if _is_prompt_learning(peft_config):
@@ -130,10 +135,21 @@ class PrefixSharedDPOTrainer(DPOTrainer):
             else:
                 for model in models:
                     verify_packed_forward(model, kernel, device)
+        grouping = GroupByPrompt(packing.max_row_tokens) if self.prefix_share_args.group_by_prompt else pair_documents
         self.data_collator = PrefixSharedPreferenceCollator(
-            self.data_collator, pad_token_id=self._tokenizer.pad_token_id, options=packing
+            self.data_collator, pad_token_id=self._tokenizer.pad_token_id, options=packing, group_documents=grouping
         )
         self._prefix_share_installed = True
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
+        # Grouping by prompt needs pairs with the same prompt in one batch: a prompt-grouped, seeded shuffle.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.prefix_share_args.group_by_prompt or not isinstance(dataset, Dataset):
+            return super()._get_train_sampler(train_dataset)
+        if "prompt_ids" not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return prompt_grouped_sampler(dataset, self._train_batch_size, seed)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)

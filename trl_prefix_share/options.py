@@ -33,6 +33,10 @@ class PrefixShareArguments:
         verify_model (`bool`, defaults to `True`):
             At construction, check on a few tokens that the packed forward of this model equals its unpacked forward,
             and refuse an architecture that does not pass.
+        group_by_prompt (`bool`, defaults to `False`):
+            DPO: batch the pairs that share a prompt together and lay each prompt out once for all its pairs (one
+            branch per distinct response). Opt-in: it changes which examples share a batch (see
+            `docs/reward_and_many_responses.md`).
         drop_invalid_examples (`bool`, defaults to `False`):
             Drop examples prefix sharing cannot train on (an empty response, a document longer than
             `max_row_tokens`) with a warning, instead of raising an error that names them.
@@ -48,6 +52,9 @@ class PrefixShareArguments:
     )
     verify_model: bool = field(
         default=True, metadata={"help": "Check at construction that the packed forward equals the unpacked one."}
+    )
+    group_by_prompt: bool = field(
+        default=False, metadata={"help": "DPO: batch pairs with the same prompt together, the prompt run once."}
     )
     drop_invalid_examples: bool = field(
         default=False, metadata={"help": "Drop examples prefix sharing cannot train on instead of raising."}
