@@ -1,5 +1,7 @@
 """trl-prefix-share: paired preference training with each prompt run once (drop-in TRL trainers)."""
 
+import importlib
+
 from .attention import ATTENTION_NAME, register_attention
 from .collator import PrefixSharedPreferenceCollator
 from .dpo_config import PrefixSharedDPOConfig
@@ -14,10 +16,29 @@ from .sdpo import StepwiseDPO, StepwiseDPOConfig
 
 __version__ = "0.1.0"
 
+# ORPO and CPO live in `trl.experimental`, whose import warns: load them only when asked for.
+_LAZY = {
+    "PrefixSharedCPOConfig": ".cpo_trainer",
+    "PrefixSharedCPOTrainer": ".cpo_trainer",
+    "PrefixSharedORPOConfig": ".orpo_trainer",
+    "PrefixSharedORPOTrainer": ".orpo_trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ATTENTION_NAME",
     "GroupByPrompt",
     "GroupedPrefixSharedDPOTrainer",
+    "PrefixSharedCPOConfig",
+    "PrefixSharedCPOTrainer",
+    "PrefixSharedORPOConfig",
+    "PrefixSharedORPOTrainer",
     "PrefixSharedRewardConfig",
     "PrefixSharedRewardTrainer",
     "PromptGroupedSampler",
