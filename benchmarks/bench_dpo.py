@@ -69,6 +69,7 @@ class RunResult:
     cpu_seconds: list[float]
     tokens_per_step: float
     stock_tokens_per_step: float
+    lm_head_positions_per_step: float
     setup_seconds: float
 
 
@@ -88,6 +89,8 @@ class Summary:
     ours_tokens_per_step: float
     token_limit: float
     share_of_token_limit: float
+    stock_lm_head_positions_per_step: float
+    ours_lm_head_positions_per_step: float
     per_round_speed_ratio: list[float] = field(default_factory=list)
 
 
@@ -108,15 +111,24 @@ class StepTimer(TrainerCallback):
 
 
 class CountingCollator:
-    """Wraps a collator and records ``input_ids.numel()`` of every batch it builds, in order."""
+    """Wraps a collator and records, for every batch it builds in order, its padded tokens (``input_ids.numel()``)
+    and the positions the LM head scores.
+
+    Off Triton devices (so here, on CPU) TRL's fused LM head scores every position of the stock padded batch:
+    ``rows * (L - 1)``. Ours scores only labelled positions (``label_index``).
+    """
 
     def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
         self.collator = collator
         self.counts: list[int] = []
+        self.lm_head_positions: list[int] = []
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
-        self.counts.append(int(batch["input_ids"].numel()))
+        rows, length = batch["input_ids"].shape
+        self.counts.append(rows * length)
+        packed = batch.get(PACKED_KEY)
+        self.lm_head_positions.append(rows * (length - 1) if packed is None else int(packed["label_index"].numel()))
         return batch
 
 
@@ -226,11 +238,12 @@ def run_once(
         tokens = (last[0] - first[0]) / args.steps
         stock_tokens = (last[1] - first[1]) / args.steps
     else:
-        # The dataloader may collate one batch ahead: the trained batches are the first ones collated.
         timed = counter.counts[args.warmup : args.warmup + args.steps]
         tokens = stock_tokens = sum(timed) / args.steps
+    # The dataloader may collate one batch ahead: the trained batches are the first ones collated.
+    lm_positions = sum(counter.lm_head_positions[args.warmup : args.warmup + args.steps]) / args.steps
     timer.trainer = None
-    return RunResult(name, gradient_checkpointing, step_seconds, cpu_seconds, tokens, stock_tokens, setup)
+    return RunResult(name, gradient_checkpointing, step_seconds, cpu_seconds, tokens, stock_tokens, lm_positions, setup)
 
 
 def _intervals(marks: list[float], warmup: int) -> list[float]:
@@ -279,6 +292,8 @@ def summarize(results: list[RunResult], gradient_checkpointing: bool) -> Summary
         ours_tokens_per_step=ours_tokens,
         token_limit=limit,
         share_of_token_limit=speed / limit,
+        stock_lm_head_positions_per_step=statistics.mean(r.lm_head_positions_per_step for r in stock),
+        ours_lm_head_positions_per_step=statistics.mean(r.lm_head_positions_per_step for r in ours),
         per_round_speed_ratio=per_round,
     )
 
@@ -287,12 +302,24 @@ def print_table(summary: Summary) -> None:
     """A small text table of one setting."""
     gc_label = "on (TRL default)" if summary.gradient_checkpointing else "off"
     print(f"\ngradient checkpointing: {gc_label}")
-    print(f"{'trainer':<26}{'median step (s)':>16}{'cpu s/step':>12}{'tokens/step':>14}")
-    for label, wall, cpu, tokens in (
-        ("trl.DPOTrainer", summary.stock_median_s, summary.stock_cpu_median_s, summary.stock_tokens_per_step),
-        ("PrefixSharedDPOTrainer", summary.ours_median_s, summary.ours_cpu_median_s, summary.ours_tokens_per_step),
+    print(f"{'trainer':<26}{'median step (s)':>16}{'cpu s/step':>12}{'tokens/step':>14}{'LM-head pos/step':>18}")
+    for label, wall, cpu, tokens, positions in (
+        (
+            "trl.DPOTrainer",
+            summary.stock_median_s,
+            summary.stock_cpu_median_s,
+            summary.stock_tokens_per_step,
+            summary.stock_lm_head_positions_per_step,
+        ),
+        (
+            "PrefixSharedDPOTrainer",
+            summary.ours_median_s,
+            summary.ours_cpu_median_s,
+            summary.ours_tokens_per_step,
+            summary.ours_lm_head_positions_per_step,
+        ),
     ):
-        print(f"{label:<26}{wall:>16.3f}{cpu:>12.3f}{tokens:>14.0f}")
+        print(f"{label:<26}{wall:>16.3f}{cpu:>12.3f}{tokens:>14.0f}{positions:>18.0f}")
     rounds = ", ".join(f"{r:.2f}x" for r in summary.per_round_speed_ratio)
     cpu_ratio = summary.stock_cpu_median_s / summary.ours_cpu_median_s
     print(f"speed ratio (stock/ours), median step: {summary.speed_ratio:.2f}x   (per round: {rounds})")
