@@ -130,9 +130,8 @@ def assert_equivalent(stock, ours, stock_batch: dict, our_batch: dict) -> dict[s
         compared += 1
     assert compared >= 7
     assert our_metrics["prefix_share/token_ratio"] > 1.0
-    assert our_metrics["prefix_share/stock_tokens"] == stock_batch["chosen_input_ids"].numel() * 2 or (
-        stock_batch["chosen_input_ids"].size(1) != stock_batch["rejected_input_ids"].size(1)
-    )
+    width = max(stock_batch["chosen_input_ids"].size(1), stock_batch["rejected_input_ids"].size(1))
+    assert our_metrics["prefix_share/stock_tokens"] == 2 * stock_batch["chosen_input_ids"].size(0) * width
     return our_metrics
 
 
@@ -171,6 +170,8 @@ def test_orpo_matches_stock(family, shared_pair):
     lengths = our_batch["chosen_attention_mask"].sum(1)
     assert int(packed["branch_lengths"][:BATCH].sum()) == int((lengths - 1).sum())
     assert_equivalent(stock, ours, first_batch(stock), our_batch)
+    if family != "llama":
+        return
     later = range(2, 2 + BATCH)
     try:
         for beta in (2.0,):
@@ -189,7 +190,9 @@ def test_orpo_matches_stock(family, shared_pair):
 def test_cpo_every_loss_type_matches_stock(family, shared_pair):
     stock, ours = shared_pair("cpo", family)
     stock_batch, our_batch = first_batch(stock), first_batch(ours)
-    for setting in CPO_SETTINGS:
+    # Every setting on llama; on qwen2 one of each averaging (summed: sigmoid; averaged: ipo, simpo, alphapo).
+    settings = CPO_SETTINGS if family == "llama" else [CPO_SETTINGS[i] for i in (0, 2, 3, 4)]
+    for setting in settings:
         for trainer in (stock, ours):
             set_cpo_loss(trainer, **setting)
         metrics = assert_equivalent(stock, ours, stock_batch, our_batch)
@@ -216,7 +219,7 @@ def test_alphapo_config_sugar(shared_pair, model_dir, tokenizer, hh_rows):
 
 @pytest.mark.parametrize(
     ("kind", "dataset_name", "chat"),
-    [("orpo", "pandalm", False), ("orpo", "ultrafeedback", True), ("cpo", "pandalm", True)],
+    [("orpo", "pandalm", False), ("cpo", "ultrafeedback", True)],
 )
 def test_explicit_prompt_and_conversational_data(kind, dataset_name, chat, model_dir, tokenizer):
     """Explicit-prompt data as strings and as chat messages (through the tokenizer's chat template)."""
