@@ -194,13 +194,15 @@ def test_evaluate_metrics_match(model_dir, tokenizer):
 
 
 def test_share_prefix_off_and_multiple_rows_stay_exact(model_dir, tokenizer, hh_rows):
-    for options in (dict(share_prefix=False), dict(max_row_tokens=400)):
+    for options in (dict(share_prefix=False), dict(max_row_tokens=400), dict(pack_documents=False)):
         stock, ours = make_pair(
             model_dir("llama"), tokenizer, hh_rows, args_factory=lambda o=options: dpo_args(PrefixSharedDPOConfig, **o)
         )
         batch = first_batch(ours, BATCH)
         if "max_row_tokens" in options:
             assert batch["prefix_share"]["input_ids"].size(0) > 1
+        if "pack_documents" in options:  # one document (pair) per row
+            assert batch["prefix_share"]["input_ids"].size(0) == batch["input_ids"].size(0) // 2
         assert_equivalent(stock, ours, first_batch(stock, BATCH), batch)
 
 

@@ -258,7 +258,7 @@ def test_peft_lora(kind, model_dir, tokenizer, hh_rows):
 def test_packing_options_stay_exact(shared_pair, model_dir, tokenizer, hh_rows):
     stock, default = shared_pair("orpo", "llama")
     longest = max(document_tokens(example, True, True) for example in default.train_dataset)
-    for options in (dict(share_prefix=False), dict(max_row_tokens=longest)):
+    for options in (dict(share_prefix=False), dict(max_row_tokens=longest), dict(pack_documents=False)):
         ours = PrefixSharedORPOTrainer(
             model=model_dir("llama"),
             args=make_args(PrefixSharedORPOConfig, **options),
@@ -269,6 +269,8 @@ def test_packing_options_stay_exact(shared_pair, model_dir, tokenizer, hh_rows):
         batch = first_batch(ours, 4)
         if "max_row_tokens" in options:
             assert batch[PACKED_KEY]["input_ids"].size(0) > 1
+        if "pack_documents" in options:  # one document (pair) per row
+            assert batch[PACKED_KEY]["input_ids"].size(0) == 4
         assert_equivalent(stock, ours, first_batch(stock, 4), batch)
 
 

@@ -163,7 +163,7 @@ def test_evaluate_metrics_match(reward_model_dir, tokenizer):
 
 
 def test_share_prefix_off_and_multiple_rows_stay_exact(reward_model_dir, tokenizer, hh_rows):
-    for options in (dict(share_prefix=False), dict(max_row_tokens=500)):
+    for options in (dict(share_prefix=False), dict(max_row_tokens=500), dict(pack_documents=False)):
         stock, ours = make_pair(
             reward_model_dir("llama"),
             tokenizer,
@@ -173,6 +173,8 @@ def test_share_prefix_off_and_multiple_rows_stay_exact(reward_model_dir, tokeniz
         batch = first_batch(ours, BATCH)
         if "max_row_tokens" in options:
             assert batch[PACKED_KEY]["input_ids"].size(0) > 1
+        if "pack_documents" in options:  # one document (pair) per row
+            assert batch[PACKED_KEY]["input_ids"].size(0) == batch["input_ids"].size(0) // 2
         assert_equivalent(stock, ours, first_batch(stock, BATCH), batch)
 
 

@@ -189,9 +189,25 @@ def run_make_tiny_model(argv: list[str]) -> None:
     print(f"[trl-prefix-share] tiny {args.family} model saved to {args.output_dir}")
 
 
+def run_estimate(argv: list[str]) -> None:
+    """`estimate --dataset X --tokenizer Y`: tokens stock TRL would run vs ours, without a model."""
+    from .estimate import run_estimate as estimate
+
+    estimate(argv)
+
+
+def run_bench(argv: list[str]) -> None:
+    """`bench`: stock TRL vs prefix sharing (and the ablations), end to end, alternating runs."""
+    from .bench.command import run_bench as bench
+
+    bench(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "dpo": (run_dpo, "DPO with prefix sharing (a TRL `dpo` recipe works as is)"),
     "sdpo": (run_sdpo, "stepwise DPO: the reference moves to the previous step's model"),
+    "bench": (run_bench, "time stock TRL vs prefix sharing end to end (ratios, tokens, memory, ablations)"),
+    "estimate": (run_estimate, "expected token savings of a dataset, without loading a model"),
     "make-tiny-model": (run_make_tiny_model, "build a tiny random model from a config (no download)"),
 }
 

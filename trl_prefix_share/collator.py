@@ -26,6 +26,16 @@ class PackingOptions:
     max_row_tokens: int | None = None
     pad_to_multiple_of: int | None = None
     sdpa_buckets: bool = True
+    pack_documents: bool = True
+
+    def layout_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``layout.pack_documents`` these options set."""
+        return {
+            "max_row_tokens": self.max_row_tokens,
+            "pad_to_multiple_of": self.pad_to_multiple_of,
+            "sdpa_buckets": self.sdpa_buckets,
+            "pack": self.pack_documents,
+        }
 
 
 def sequences_from_padded_batch(
@@ -90,8 +100,6 @@ class PrefixSharedPreferenceCollator:
             num_virtual_rows=input_ids.size(0),
             virtual_length=input_ids.size(1),
             pad_token_id=self.pad_token_id,
-            max_row_tokens=self.options.max_row_tokens,
-            pad_to_multiple_of=self.options.pad_to_multiple_of,
-            sdpa_buckets=self.options.sdpa_buckets,
+            **self.options.layout_kwargs(),
         )
         return batch

@@ -134,12 +134,15 @@ def make_document(sequences: list[SequenceSpec], share_prefix: bool = True) -> D
     )
 
 
-def assign_rows(lengths: list[int], max_row_tokens: int | None) -> list[list[int]]:
+def assign_rows(lengths: list[int], max_row_tokens: int | None, pack: bool = True) -> list[list[int]]:
     """Greedy first-fit in order: documents fill the current row until the next one would pass the budget.
 
     A document longer than the budget gets a row of its own (the trainer rejects such examples up front, so this is
-    only reached by direct callers of the layout).
+    only reached by direct callers of the layout). ``pack=False`` gives every document its own row (the
+    "sharing without packing" ablation).
     """
+    if not pack:
+        return [[index] for index in range(len(lengths))]
     if max_row_tokens is None:
         return [list(range(len(lengths)))] if lengths else []
     rows: list[list[int]] = []
@@ -238,6 +241,7 @@ def pack_documents(
     max_row_tokens: int | None = None,
     pad_to_multiple_of: int | None = None,
     sdpa_buckets: bool = True,
+    pack: bool = True,
 ) -> dict[str, torch.Tensor | list[dict[str, torch.Tensor]]]:
     """Lay documents out in packed rows.
 
@@ -252,6 +256,7 @@ def pack_documents(
         max_row_tokens: token budget per row (``None``: one row).
         pad_to_multiple_of: pad the row length to a multiple of this (bounds recompiles of compiled kernels).
         sdpa_buckets: also build the index/mask tensors of the per-group SDPA decomposition (CPU kernel).
+        pack: ``False`` puts every document in its own row, rows padded to the longest (ablation baseline).
 
     Returns a dict of tensors: ``input_ids``, ``position_ids``, ``shift_labels``, ``document_ids``, ``branch_ids``
     (all ``[rows, T]``), ``label_index`` (flat packed index of every labelled position, row-major) and
@@ -259,7 +264,7 @@ def pack_documents(
     sequence, by virtual row), ``last_index`` (flat packed index of each sequence's last token, by virtual row: where
     a reward model reads its score), and ``attention_buckets`` (a list) when ``sdpa_buckets``.
     """
-    row_members = assign_rows([doc.num_tokens for doc in documents], max_row_tokens)
+    row_members = assign_rows([doc.num_tokens for doc in documents], max_row_tokens, pack)
     longest_row = max((sum(documents[i].num_tokens for i in row) for row in row_members), default=1)
     row_length = _round_up(longest_row, pad_to_multiple_of)
     num_rows = max(len(row_members), 1)

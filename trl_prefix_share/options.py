@@ -22,6 +22,9 @@ class PrefixShareArguments:
         share_prefix (`bool`, defaults to `True`):
             Run each prompt once for all its responses. `False` packs every sequence as its own document (padding-free
             but unshared: the honest "packed stock" baseline for ablations).
+        pack_documents (`bool`, defaults to `True`):
+            Pack several documents into one row. `False` gives every document its own row, rows padded to the longest:
+            the "sharing without packing" ablation, slower than the default.
         max_row_tokens (`int` or `None`, defaults to `None`):
             Token budget of one packed row; documents fill rows greedily. `None` packs the whole batch into one row.
         pad_rows_to_multiple_of (`int` or `None`, defaults to `None`):
@@ -43,6 +46,9 @@ class PrefixShareArguments:
     """
 
     share_prefix: bool = field(default=True, metadata={"help": "Run each prompt once for all its responses."})
+    pack_documents: bool = field(
+        default=True, metadata={"help": "Pack several documents per row (False: one per row, an ablation)."}
+    )
     max_row_tokens: int | None = field(default=None, metadata={"help": "Token budget of one packed row."})
     pad_rows_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad packed rows to a multiple of this (default: 128 on CUDA, none on CPU)."}
@@ -80,5 +86,6 @@ def packing_options(options: PrefixShareArguments, device: torch.device) -> tupl
         max_row_tokens=options.max_row_tokens,
         pad_to_multiple_of=multiple,
         sdpa_buckets=kernel == "sdpa",
+        pack_documents=options.pack_documents,
     )
     return packing, kernel

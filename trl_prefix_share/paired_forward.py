@@ -85,9 +85,7 @@ def pack_concatenated(
         num_virtual_rows=input_ids.size(0),
         virtual_length=input_ids.size(1),
         pad_token_id=pad_token_id,
-        max_row_tokens=options.max_row_tokens,
-        pad_to_multiple_of=options.pad_to_multiple_of,
-        sdpa_buckets=options.sdpa_buckets,
+        **options.layout_kwargs(),
     )
 
 

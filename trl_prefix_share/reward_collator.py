@@ -125,9 +125,7 @@ class PrefixSharedRewardCollator:
             num_virtual_rows=input_ids.size(0),
             virtual_length=input_ids.size(1),
             pad_token_id=0 if self.pad_token_id is None else self.pad_token_id,
-            max_row_tokens=self.options.max_row_tokens,
-            pad_to_multiple_of=self.options.pad_to_multiple_of,
-            sdpa_buckets=self.options.sdpa_buckets,
+            **self.options.layout_kwargs(),
         )
         packed[SCORE_INDEX_KEY] = packed["last_index"]
         batch[PACKED_KEY] = packed

@@ -1,0 +1,93 @@
+"""`trl-prefix-share bench`: every variant of the ablation runs, the token bookkeeping is consistent across variants,
+and the command writes its table, JSON and chart. (Speed itself is measured by running the command, never here.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TOKENIZER_DIR, load_dataset_rows
+
+from trl_prefix_share.bench import BenchSettings, run_benchmark
+from trl_prefix_share.bench.models import ModelShape
+from trl_prefix_share.bench.report import summarize
+from trl_prefix_share.cli import main
+
+TINY = ModelShape(family="qwen2", layers=2, hidden=32, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench-data") / "hh_sample.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in load_dataset_rows("hh_harmless", 16)))
+    return path
+
+
+def test_ablation_variants_see_the_same_batches(small_file):
+    settings = BenchSettings(
+        trainers=["reward"],
+        datasets=[str(small_file)],
+        tokenizer=str(TOKENIZER_DIR),
+        shape=TINY,
+        batch_size=4,
+        steps=2,
+        warmup=1,
+        rounds=1,
+    )
+    report = run_benchmark(settings, log=lambda line: None)
+    runs = {run.variant: run for run in report.runs}
+    assert set(runs) == {"stock", "unshared", "unpacked", "ours"}
+    stock_tokens = runs["stock"].tokens_per_step
+    # Every variant of ours saw stock's batches: its view of stock's padded tokens equals stock's own count.
+    assert all(run.stock_tokens_per_step == stock_tokens for run in report.runs)
+    assert runs["ours"].tokens_per_step < runs["unshared"].tokens_per_step < stock_tokens
+    assert runs["ours"].tokens_per_step < runs["unpacked"].tokens_per_step
+    assert all(len(run.step_seconds) == 2 and min(run.step_seconds) > 0 for run in report.runs)
+    (whole,) = report.whole_file
+    assert whole.batches == 4 and whole.token_limit > whole.unpadded_limit > 1
+    summaries = {s.variant: s for s in summarize(report)}
+    assert summaries["stock"].speed_ratio == 1.0
+    assert summaries["ours"].token_ratio == pytest.approx(stock_tokens / runs["ours"].tokens_per_step)
+
+
+def test_bench_command_writes_table_json_and_chart(small_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    main(
+        [
+            "bench",
+            "--trainer",
+            "simpo",
+            "--dataset",
+            str(small_file),
+            "--tokenizer",
+            str(TOKENIZER_DIR),
+            "--family",
+            "llama",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--variants",
+            "stock",
+            "ours",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--no-whole-file",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "hh_sample / SimPO" in printed and "shared + packed" in printed
+    payload = json.loads(out_json.read_text())
+    variants = {s["variant"]: s for s in payload["summaries"]}
+    assert set(variants) == {"stock", "ours"} and variants["ours"]["token_ratio"] > 1
+    assert payload["environment"]["trl"].startswith("1.16")
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,96 @@
+"""Timing, token and memory measurements of one `trainer.train()` run."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..collator import PACKED_KEY
+
+_STATUS = Path("/proc/self/status")
+
+
+def stock_batch_tokens(batch: dict[str, Any]) -> int:
+    """Tokens of the padded batch stock TRL runs: ``[chosen; rejected]`` stacked to the longer width."""
+    if "chosen_input_ids" in batch:  # ORPO / CPO: chosen and rejected are padded separately, then stacked
+        width = max(batch["chosen_input_ids"].size(1), batch["rejected_input_ids"].size(1))
+        return 2 * batch["chosen_input_ids"].size(0) * width
+    return int(batch["input_ids"].numel())
+
+
+def packed_batch_tokens(batch: dict[str, Any]) -> int:
+    """Tokens of our packed rows (the stock count when the batch has no packed layout)."""
+    packed = batch.get(PACKED_KEY)
+    return stock_batch_tokens(batch) if packed is None else int(packed["input_ids"].numel())
+
+
+class TokenCountingCollator:
+    """Wraps a trainer's collator; records, per batch in collation order, stock's and our token counts."""
+
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.collator = collator
+        self.stock: list[int] = []
+        self.ours: list[int] = []
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        self.stock.append(stock_batch_tokens(batch))
+        self.ours.append(packed_batch_tokens(batch))
+        return batch
+
+
+class PeakMemory:
+    """Peak memory of the training steps: CUDA's allocator peak, or on Linux the process's peak resident set.
+
+    On CPU the kernel's high-water mark (VmHWM) is reset at the start of training (``/proc/self/clear_refs``), so
+    the figure is this run's peak, not the process's; it includes weights and optimizer state, the same for every
+    variant, and the run's activations."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
+                Path("/proc/self/clear_refs").write_text("5")
+
+    def peak_mib(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if not _STATUS.exists():
+            return None
+        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+        return int(match.group(1)) / 1024 if match else None
+
+
+class StepTimer(TrainerCallback):
+    """Wall and CPU time at the end of every optimizer step; resets the memory peak when training starts."""
+
+    def __init__(self, memory: PeakMemory) -> None:
+        self.memory = memory
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.memory.reset()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.memory.device.type == "cuda":
+            torch.cuda.synchronize(self.memory.device)
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+
+def intervals(marks: list[float], warmup: int) -> list[float]:
+    """Durations of the steps after the first ``warmup`` ones, from consecutive end-of-step marks."""
+    return [b - a for a, b in zip(marks[warmup - 1 : -1], marks[warmup:], strict=True)]

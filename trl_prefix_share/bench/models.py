@@ -1,0 +1,62 @@
+"""Models for the benchmark: a named model, or a randomly initialised one built from a config (no download)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture of a benchmark model built from a config."""
+
+    family: str = "llama"
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int | None = None
+
+    def describe(self) -> str:
+        return f"{self.family} {self.layers}x{self.hidden} ({self.heads} heads, {self.kv_heads} kv)"
+
+
+#: Shapes by name. The Qwen2.5 ones copy the published configs' sizes (vocab comes from the tokenizer).
+PRESETS: dict[str, ModelShape] = {
+    "tiny": ModelShape(),
+    "qwen2.5-0.5b": ModelShape("qwen2", 24, 896, 14, 2, 4864),
+    "qwen2.5-1.5b": ModelShape("qwen2", 28, 1536, 12, 2, 8960),
+}
+
+
+def build_model_dir(
+    shape: ModelShape, tokenizer: PreTrainedTokenizerBase, reward: bool, seed: int, dtype: torch.dtype
+) -> str:
+    """Save a randomly initialised model of ``shape`` (and the tokenizer) to a temporary directory; return its path.
+
+    Passing a path (not a model object) lets every trainer load its own copy and build its reference model the way
+    it does for a user's model."""
+    config = AutoConfig.for_model(
+        shape.family,
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate or 4 * shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=4096,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model_class = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = model_class.from_config(config).to(dtype)
+    path = tempfile.mkdtemp(prefix="trl-prefix-share-bench-model-")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
