@@ -50,6 +50,43 @@ def test_dpo_recipe_runs(tiny_model, tmp_path, capsys, monkeypatch):
     assert ratio and float(ratio.group(1)) > 1.0
 
 
+@pytest.mark.parametrize(
+    ("command", "recipe"),
+    [("orpo", "orpo_tiny_cpu.yaml"), ("cpo", "simpo_tiny_cpu.yaml"), ("reward", "reward_tiny_cpu.yaml")],
+)
+def test_other_trainer_recipes_run(command, recipe, tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    main([command, "--config", f"recipes/{recipe}", "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    ratio = re.search(r"stock TRL: [\d,]+, ([\d.]+)x\)", out)
+    assert ratio and float(ratio.group(1)) > 1.0
+    assert (tmp_path / "model.safetensors").exists()
+    if command == "reward":  # a causal-LM checkpoint became a 1-label sequence classifier
+        config = json.loads((tmp_path / "config.json").read_text())
+        assert config["architectures"][0].endswith("ForSequenceClassification")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_recipe_parses_with_its_command(recipe):
+    """Each recipe's fields exist in its command's dataclasses (a typo would fail the user's run at start)."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from trl_prefix_share.cli import TRAINER_COMMANDS, StepwiseArguments, _import
+
+    name = recipe.split("_")[0]
+    command = TRAINER_COMMANDS["cpo" if name == "simpo" else "dpo" if name == "sdpo" else name]
+    types = [ScriptArguments, _import(command.config), ModelConfig, DatasetMixtureConfig]
+    if name == "sdpo":
+        types.append(StepwiseArguments)
+    parsed = TrlParser(types).parse_args_and_config(
+        args=["--config", str(REPO / "recipes" / recipe), "--use_cpu", "true", "--bf16", "false"],
+        fail_with_unknown_args=True,
+    )
+    assert parsed[1].output_dir.startswith("outputs/")
+    if name == "simpo":
+        assert parsed[1].loss_type == "simpo"
+
+
 def test_sdpo_recipe_runs(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     main(

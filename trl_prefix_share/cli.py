@@ -1,7 +1,9 @@
 """`trl-prefix-share`: TRL-style training commands with prefix sharing.
 
-    trl-prefix-share dpo  --config recipes/dpo_tiny_cpu.yaml [--flag value ...]
+    trl-prefix-share dpo  --config recipes/dpo_tiny_cpu.yaml [--flag value ...]   (also orpo, cpo, reward)
     trl-prefix-share sdpo --config recipes/sdpo_tiny_cpu.yaml --sdpo_num_chunks 3
+    trl-prefix-share estimate --dataset FILE_OR_NAME --tokenizer NAME_OR_DIR
+    trl-prefix-share bench --trainer dpo --dataset hh_harmless --json out.json --plot out.png
     trl-prefix-share make-tiny-model OUT_DIR --tokenizer TOKENIZER [--family llama]
 
 The recipe format is TRL's own (`trl dpo --config ...`): script, training and model arguments and dataset mixtures
@@ -20,6 +22,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -88,27 +91,74 @@ def _splits(dataset, script_args, training_args):
     return train, (dataset[script_args.dataset_test_split] if evaluate else None)
 
 
-def run_dpo(argv: list[str]) -> None:
-    """The `dpo` command: TRL's DPO script with `PrefixSharedDPOTrainer`."""
+@dataclass(frozen=True)
+class TrainerCommand:
+    """One training command: our trainer and config (imported on demand) and how TRL's script builds the model."""
+
+    trainer: str  # names exported by `trl_prefix_share`
+    config: str
+    # "name": pass the model name (TRL's `dpo`/`reward` scripts); "causal_lm": load it first (TRL's ORPO/CPO
+    # example scripts, whose trainers would otherwise place it with `device_map="auto"`).
+    model_loading: str = "name"
+    # PEFT task of `--use_peft`: reward models are sequence classifiers.
+    lora_task_type: str | None = None
+
+
+TRAINER_COMMANDS = {
+    "dpo": TrainerCommand("PrefixSharedDPOTrainer", "PrefixSharedDPOConfig"),
+    "orpo": TrainerCommand("PrefixSharedORPOTrainer", "PrefixSharedORPOConfig", "causal_lm"),
+    "cpo": TrainerCommand("PrefixSharedCPOTrainer", "PrefixSharedCPOConfig", "causal_lm"),
+    "reward": TrainerCommand("PrefixSharedRewardTrainer", "PrefixSharedRewardConfig", lora_task_type="SEQ_CLS"),
+}
+
+
+def _import(name: str):
+    """A public class of this package, by name (ORPO/CPO load lazily: they live in `trl.experimental`)."""
+    import os
+
+    import trl_prefix_share
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return getattr(trl_prefix_share, name)
+
+
+def _trainer_inputs(command: TrainerCommand, training_args, model_args) -> dict:
+    """`model`, `peft_config` and (where the trainer takes it) `quantization_config`, as TRL's scripts build them."""
+    from trl import get_peft_config, get_quantization_config
+
+    if command.lora_task_type and model_args.lora_task_type == "CAUSAL_LM":
+        model_args.lora_task_type = command.lora_task_type
+    inputs: dict = {"peft_config": get_peft_config(model_args)}
+    if command.model_loading == "causal_lm":
+        from transformers import AutoModelForCausalLM
+
+        init_kwargs = {k: v for k, v in training_args.model_init_kwargs.items() if v is not None}
+        inputs["model"] = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **init_kwargs)
+        training_args.model_init_kwargs = None  # used up: these trainers refuse kwargs with a loaded model
+    else:
+        inputs["model"] = model_args.model_name_or_path
+        inputs["quantization_config"] = get_quantization_config(model_args)
+    return inputs
+
+
+def run_trainer(name: str, argv: list[str]) -> None:
+    """A training command: TRL's script for this trainer with our prefix-shared trainer in its place."""
     from transformers import AutoTokenizer
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
-    from .dpo_config import PrefixSharedDPOConfig
-    from .dpo_trainer import PrefixSharedDPOTrainer
-
+    command = TRAINER_COMMANDS[name]
+    config_class = _import(command.config)
     script_args, training_args, model_args, dataset_args = _parse(
-        (ScriptArguments, PrefixSharedDPOConfig, ModelConfig, DatasetMixtureConfig), argv
+        (ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig), argv
     )
     _model_kwargs(training_args, model_args)
     train, evaluate = _splits(_load_data(script_args, dataset_args), script_args, training_args)
-    trainer = PrefixSharedDPOTrainer(
-        model=model_args.model_name_or_path,
+    trainer = _import(command.trainer)(
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluate,
         processing_class=AutoTokenizer.from_pretrained(model_args.model_name_or_path),
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
+        **_trainer_inputs(command, training_args, model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
@@ -119,6 +169,8 @@ def run_dpo(argv: list[str]) -> None:
             f"[trl-prefix-share] tokens processed: {totals['tokens']:,} (stock TRL: {totals['stock_tokens']:,}, "
             f"{ratio:.2f}x); model saved to {training_args.output_dir}"
         )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
 
 def run_sdpo(argv: list[str]) -> None:
@@ -204,7 +256,10 @@ def run_bench(argv: list[str]) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
-    "dpo": (run_dpo, "DPO with prefix sharing (a TRL `dpo` recipe works as is)"),
+    "dpo": (partial(run_trainer, "dpo"), "DPO with prefix sharing (a TRL `dpo` recipe works as is)"),
+    "orpo": (partial(run_trainer, "orpo"), "ORPO with prefix sharing (TRL's ORPO script arguments)"),
+    "cpo": (partial(run_trainer, "cpo"), "CPO / SimPO (`loss_type: simpo`) with prefix sharing"),
+    "reward": (partial(run_trainer, "reward"), "reward model with prefix sharing (a TRL `reward` recipe works as is)"),
     "sdpo": (run_sdpo, "stepwise DPO: the reference moves to the previous step's model"),
     "bench": (run_bench, "time stock TRL vs prefix sharing end to end (ratios, tokens, memory, ablations)"),
     "estimate": (run_estimate, "expected token savings of a dataset, without loading a model"),
