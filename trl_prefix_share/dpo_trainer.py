@@ -27,6 +27,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .collator import PACKED_KEY, PrefixSharedPreferenceCollator, pair_documents
 from .grouping import GroupByPrompt, prompt_grouped_sampler
+from .length_grouping import LengthGroupedBatchSampler, preference_lengths
 from .model_support import enable_prefix_sharing, verify_packed_forward
 from .options import PrefixShareArguments, packing_options, prefix_share_arguments
 from .token_metrics import log_token_counts
@@ -86,6 +87,10 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         self.prefix_share_args = prefix_share_arguments(args) if args is not None else PrefixShareArguments()
         if self._always_group_by_prompt:
             self.prefix_share_args.group_by_prompt = True
+        if self.prefix_share_args.group_by_prompt and self.prefix_share_args.length_grouped_batches:
+            raise ValueError(
+                "`group_by_prompt` and `length_grouped_batches` both choose the batches; set only one of them."
+            )
         self._prefix_share_installed = False
         self.prefix_share_totals = {"tokens": 0, "stock_tokens": 0}
         if _is_prompt_learning(peft_config):
@@ -143,13 +148,18 @@ class PrefixSharedDPOTrainer(DPOTrainer):
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
         # Grouping by prompt needs pairs with the same prompt in one batch: a prompt-grouped, seeded shuffle.
+        # Length grouping: similar lengths per batch, shuffled buckets (same batch size, same loss normalisation).
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if not self.prefix_share_args.group_by_prompt or not isinstance(dataset, Dataset):
-            return super()._get_train_sampler(train_dataset)
-        if "prompt_ids" not in dataset.column_names:
+        options = self.prefix_share_args
+        wanted = options.group_by_prompt or options.length_grouped_batches
+        if not wanted or not isinstance(dataset, Dataset) or "prompt_ids" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return prompt_grouped_sampler(dataset, self._train_batch_size, seed)
+        if options.group_by_prompt:
+            return prompt_grouped_sampler(dataset, self._train_batch_size, seed)
+        return LengthGroupedBatchSampler(
+            preference_lengths(dataset), self._train_batch_size, options.length_bucket_batches, seed
+        )
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)

@@ -40,6 +40,12 @@ class PrefixShareArguments:
             DPO: batch the pairs that share a prompt together and lay each prompt out once for all its pairs (one
             branch per distinct response). Opt-in: it changes which examples share a batch (see
             `docs/reward_and_many_responses.md`).
+        length_grouped_batches (`bool`, defaults to `False`):
+            DPO: batch pairs of similar length together (seeded buckets, batch order shuffled; same pairs per batch,
+            so the loss is normalised as usual). Evens out tokens per step across processes; opt-in because it
+            changes which examples share a batch (see `docs/choosing_options.md`).
+        length_bucket_batches (`int`, defaults to `64`):
+            Batches per sorting bucket of `length_grouped_batches`: larger groups lengths more tightly.
         drop_invalid_examples (`bool`, defaults to `False`):
             Drop examples prefix sharing cannot train on (an empty response, a document longer than
             `max_row_tokens`) with a warning, instead of raising an error that names them.
@@ -61,6 +67,12 @@ class PrefixShareArguments:
     )
     group_by_prompt: bool = field(
         default=False, metadata={"help": "DPO: batch pairs with the same prompt together, the prompt run once."}
+    )
+    length_grouped_batches: bool = field(
+        default=False, metadata={"help": "DPO: batch pairs of similar length together (shuffled buckets)."}
+    )
+    length_bucket_batches: int = field(
+        default=64, metadata={"help": "Batches per sorting bucket of length_grouped_batches."}
     )
     drop_invalid_examples: bool = field(
         default=False, metadata={"help": "Drop examples prefix sharing cannot train on instead of raising."}
