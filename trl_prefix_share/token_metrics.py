@@ -12,11 +12,13 @@ def log_token_counts(trainer: Any, packed_tokens: int, stock_tokens: int) -> Non
     """Append `prefix_share/tokens`, `prefix_share/stock_tokens` and `prefix_share/token_ratio` to the trainer's
     metrics (summed over processes), and keep running training totals in `trainer.prefix_share_totals`.
 
-    Counts come from tensor shapes, so no device sync happens on one process."""
+    Counts come from tensor shapes, so no device sync happens on one process. Several processes are summed with
+    `gather`, not `gather_for_metrics`: on a dataloader's last, uneven batch the latter keeps only the first
+    `remainder` rows, which here are processes (not examples), and would drop the counts of the higher ranks."""
     mode = "train" if trainer.model.training else "eval"
     if trainer.accelerator.num_processes > 1:
         counts = torch.tensor([[packed_tokens, stock_tokens]], device=trainer.accelerator.device)
-        packed_tokens, stock_tokens = trainer.accelerator.gather_for_metrics(counts).sum(0).tolist()
+        packed_tokens, stock_tokens = trainer.accelerator.gather(counts).sum(0).tolist()
     if mode == "train":
         totals = trainer.__dict__.setdefault("prefix_share_totals", {"tokens": 0, "stock_tokens": 0})
         totals["tokens"] += packed_tokens
