@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -167,13 +168,21 @@ def script_args(
     return ["--model", model, "--data", HH, "--out", str(out), *batch]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_two_processes(model: str, out: Path, config: str = "cpu_2proc", device: str = "cpu") -> list[dict]:
     """`accelerate launch --config_file recipes/accelerate/CONFIG.yaml` the script; both ranks' results."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("LOCAL_RANK", None)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml")]
-    if device == "cuda":  # 2 GPUs whatever the config says, fp32 like the single-process runs, a free port
-        command += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
+    command += ["--main_process_port", str(free_port())]  # not the default 29500: another job may hold it
+    if device == "cuda":  # 2 GPUs whatever the config says, fp32 like the single-process runs
+        command += ["--num_processes", "2", "--mixed_precision", "no"]
     command += [str(SCRIPT), *script_args(model, out, per_device_batch=1, device=device)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

@@ -8,8 +8,8 @@
 
 The recipe format is TRL's own (`trl dpo --config ...`): script, training and model arguments and dataset mixtures
 in one YAML, parsed by `trl.TrlParser`, so an existing TRL recipe runs with only the command changed. Multi-GPU:
-`accelerate launch -m trl_prefix_share.cli dpo --config ...` (or `--accelerate_config` as with TRL's CLI is not
-needed: accelerate reads its own config file).
+`trl-prefix-share dpo --config ... --accelerate_config recipes/accelerate/ddp.yaml` (as with TRL's CLI; also fsdp2,
+zero3, or a name of TRL's shipped configs), or `accelerate launch --config_file X -m trl_prefix_share.cli dpo ...`.
 
 On a machine without CUDA, TRL's `bf16=True` default cannot run: the commands switch to `use_cpu=True, bf16=False`
 and say so.
@@ -274,6 +274,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("usage: trl-prefix-share COMMAND [--config recipe.yaml] [options]\n\ncommands:\n" + "\n".join(lines))
         raise SystemExit(0 if argv and argv[0] in {"-h", "--help"} else 2)
     command, *rest = argv
+    if command in TRAINER_COMMANDS or command == "sdpo":
+        from .launch import accelerate_relaunch, run_launch
+
+        relaunch = accelerate_relaunch(command, rest)  # None without --accelerate_config
+        if relaunch is not None:
+            raise SystemExit(run_launch(relaunch))
     COMMANDS[command][0](rest)
 
 
