@@ -126,6 +126,7 @@ class PrefixSharedDPOTrainer(DPOTrainer):
             raise ValueError("Prefix sharing does not support vision-language preference data; use DPOTrainer.")
         device = self.accelerator.device
         packing, kernel = packing_options(self.prefix_share_args, device)
+        self.prefix_share_kernel = kernel  # the attention kernel "auto" resolved to (sdpa on CPU, flex on CUDA)
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         if is_peft_model(self.model) and any(map(_is_prompt_learning, self.model.peft_config.values())):
             raise ValueError(PROMPT_LEARNING_ERROR)

@@ -1,0 +1,72 @@
+"""CUDA path (skipped without a GPU): FlexAttention kernel, fp32 exactness and bf16 within bf16's own error.
+
+bf16 cannot match bit for bit (different kernels round differently), so the bf16 check is relative to bf16 itself:
+our bf16 loss and gradients must be as close to stock's fp32 result as stock's own bf16 run is (within a factor)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from conftest import load_dataset_rows
+from equivalence import RELATIVE_TOLERANCE, first_batch, loss_and_grads, relative_difference
+from trl import DPOConfig, DPOTrainer
+
+from trl_prefix_share import PrefixSharedDPOTrainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def gpu_args(bf16: bool) -> DPOConfig:
+    return DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=8,
+        report_to="none",
+        max_length=256,
+        seed=0,
+        bf16=bf16,
+        model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
+    )
+
+
+def run(cls, model_path: str, tokenizer, rows, bf16: bool):
+    trainer = cls(model=model_path, args=gpu_args(bf16), train_dataset=rows, processing_class=tokenizer)
+    loss, grads, _ = loss_and_grads(trainer, first_batch(trainer, 8))
+    return trainer, loss.float(), {name: grad.float() for name, grad in grads.items()}
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_flex_kernel_fp32_matches_stock(family, model_dir, tokenizer):
+    rows = load_dataset_rows("hh_harmless", 8)
+    _, stock_loss, stock_grads = run(DPOTrainer, model_dir(family), tokenizer, rows, bf16=False)
+    ours, our_loss, our_grads = run(PrefixSharedDPOTrainer, model_dir(family), tokenizer, rows, bf16=False)
+    assert ours.prefix_share_kernel == "flex"
+    assert relative_difference(our_loss, stock_loss) <= 10 * RELATIVE_TOLERANCE
+    for name, expected in stock_grads.items():
+        assert relative_difference(our_grads[name], expected) <= 1e-3, name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bf16_error_is_bf16s_own(family, model_dir, tokenizer):
+    rows = load_dataset_rows("hh_harmless", 8)
+    _, reference_loss, reference_grads = run(DPOTrainer, model_dir(family), tokenizer, rows, bf16=False)
+    _, stock_loss, stock_grads = run(DPOTrainer, model_dir(family), tokenizer, rows, bf16=True)
+    _, our_loss, our_grads = run(PrefixSharedDPOTrainer, model_dir(family), tokenizer, rows, bf16=True)
+    assert torch.isfinite(our_loss)
+    stock_error = relative_difference(stock_loss, reference_loss)
+    assert relative_difference(our_loss, reference_loss) <= 3 * stock_error + 1e-3
+    stock_grad_error = sum(relative_difference(stock_grads[n], g) for n, g in reference_grads.items())
+    our_grad_error = sum(relative_difference(our_grads[n], g) for n, g in reference_grads.items())
+    assert our_grad_error <= 3 * stock_grad_error + 1e-2
