@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 from .data import DEFAULT_TOKENIZER, SHORT_NAMES
@@ -77,6 +78,7 @@ def run_bench(argv: list[str]) -> None:
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be >= 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per run
     import torch
 
     from .report import format_table, plot, summarize, write_json
