@@ -1,0 +1,165 @@
+"""The savings estimator counts exactly the tokens the trainers process, and its command prints and writes them.
+
+The reference is the trainer itself: `PrefixSharedDPOTrainer.prefix_share_totals` after one epoch (stock TRL's padded
+batch `input_ids.numel()` and our packed rows), on real data, plain and conversational, shuffled and sequential.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import numpy as np
+import pytest
+from conftest import DATA, DATASETS, TOKENIZER_DIR, conversational, load_dataset_rows, read_jsonl
+from transformers import AutoTokenizer
+from trl.data_utils import extract_prompt
+
+from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
+from trl_prefix_share.cli import main
+from trl_prefix_share.estimate import _extract_prompt, estimate_savings, split_point, tokenize_pairs
+
+BATCH = 4
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_seq", "rejected_seq", "prompt_seq", "document", "identical")
+
+
+def trained_totals(model_path: str, tokenizer, dataset, **overrides) -> dict[str, int]:
+    """Tokens the trainer logged over one epoch (stock TRL's padded batches and our packed rows)."""
+    args = PrefixSharedDPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=1,
+        save_strategy="no",
+        **overrides,
+    )
+    trainer = PrefixSharedDPOTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return dict(trainer.prefix_share_totals)
+
+
+def test_plain_shuffled_counts_equal_the_trainers(model_dir, tokenizer):
+    """Implicit-prompt plain text, the Trainer's seeded shuffle, truncation, one pair with identical responses."""
+    rows = load_dataset_rows("hh_harmless", 15)
+    rows = rows.map(lambda row, i: {**row, "rejected": row["chosen"]} if i == 5 else row, with_indices=True)
+    settings = dict(max_length=192, seed=3)
+    totals = trained_totals(model_dir("llama"), tokenizer, rows, **settings)
+
+    estimate = estimate_savings(rows, tokenizer, batch_size=BATCH, **settings)
+    assert (estimate.stock_tokens, estimate.tokens) == (totals["stock_tokens"], totals["tokens"])
+    assert estimate.identical == 1 and estimate.truncated > 0 and estimate.dropped > 0
+    assert estimate.batches == -(-estimate.examples // BATCH) and estimate.examples % BATCH  # a short last batch
+    assert estimate.implicit_prompt and not estimate.conversational
+    # The shuffle matters: dataset order gives other batches and another stock count.
+    sequential = estimate_savings(rows, tokenizer, batch_size=BATCH, shuffle=False, **settings)
+    assert sequential.tokens == estimate.tokens and sequential.stock_tokens != estimate.stock_tokens
+
+
+def test_conversational_sequential_counts_equal_the_trainers(model_dir, tokenizer):
+    """Chat template, dataset order, dropped long prompts, several packed rows and padding on both sides."""
+    rows = conversational(load_dataset_rows("ultrafeedback", 12))
+    settings = dict(max_length=160, pad_to_multiple_of=8, max_row_tokens=320, pad_rows_to_multiple_of=16)
+    totals = trained_totals(model_dir("llama"), tokenizer, rows, train_sampling_strategy="sequential", **settings)
+
+    estimate = estimate_savings(rows, tokenizer, batch_size=BATCH, shuffle=False, **settings)
+    assert (estimate.stock_tokens, estimate.tokens) == (totals["stock_tokens"], totals["tokens"])
+    assert estimate.conversational and estimate.dropped > 0 and estimate.truncated > 0
+    assert estimate.examples == 12 - estimate.dropped
+
+
+def test_keep_end_counts_equal_the_trainers(model_dir, tokenizer):
+    """`keep_end` truncation keeps different prompt tails: such pairs are laid out unshared, as the collator does."""
+    rows = load_dataset_rows("ultrafeedback", 8)
+    settings = dict(max_length=128, truncation_mode="keep_end")
+    totals = trained_totals(model_dir("llama"), tokenizer, rows, **settings)
+
+    estimate = estimate_savings(rows, tokenizer, batch_size=BATCH, **settings)
+    assert (estimate.stock_tokens, estimate.tokens) == (totals["stock_tokens"], totals["tokens"])
+    assert estimate.truncated > 0 and estimate.dropped == 0
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_spliced_tokenization_equals_trls(name):
+    """Encoding the shared start once gives TRL's token ids on every pair (plain and as chat messages).
+
+    A freshly loaded tokenizer: its backend still pads and truncates to 192 as its tokenizer.json says, which only
+    `tokenizer(...)` calls reset; the encoder must not inherit that state."""
+    rows = load_dataset_rows(name, 150)
+    variants = [rows] if "prompt" not in rows.column_names else [conversational(rows), rows]
+    for dataset in variants:
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        fast = tokenize_pairs(dataset, tokenizer, max_length=256)
+        exact = tokenize_pairs(dataset, tokenizer, max_length=256, exact=True)
+        assert fast.spliced_checked > 0 and exact.spliced_checked == 0
+        for field in PAIR_FIELDS:
+            np.testing.assert_array_equal(getattr(fast, field), getattr(exact, field), err_msg=field)
+
+
+def test_implicit_prompt_extraction_equals_trls():
+    """The faster common-start search splits every pair exactly where `trl.extract_prompt` does, quirks included."""
+    edge_cases = [
+        ("same text", "same text"),
+        ("short", "short and longer"),
+        ("longer one", "longer"),
+        ("x ends in a space ", "y"),  # differs at 0: TRL reads chosen[-1]
+        ("Human: hi Assistant: yes", "Human: hi Assistant: no"),
+        ("Human: hi Assistant:  two spaces", "Human: hi Assistant:  2 spaces"),
+        ("é café ☕ ok", "é café ☕ no"),
+    ]
+    rows = read_jsonl("hh_harmless") + read_jsonl("hh_helpful")
+    rows += [{"chosen": chosen, "rejected": rejected} for chosen, rejected in edge_cases]
+    for row in rows:
+        assert _extract_prompt(row) == extract_prompt(row), row
+
+
+def test_split_point_stays_inside_the_shared_start():
+    text = "Human: what is 2 + 2?"
+    cut = split_point(text, text + " Four.", text + "  Five.")
+    assert text[cut:] == " 2?"
+    assert split_point("nospace", "nospace!") == 0
+    assert split_point("a  b", "a  bc") == 0  # a double space is not a cut point
+
+
+def test_estimate_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    path = DATA / DATASETS["pandalm"]
+    out = tmp_path / "estimate.json"
+    main(
+        ["estimate", "--dataset", str(path), "--tokenizer", str(TOKENIZER_DIR), "--limit", "40"]
+        + ["--batch-size", "2", "8", "--max-length", "512", "--json", str(out), "--no-progress"]
+    )
+    captured = capsys.readouterr()
+    assert "tokenizing" not in captured.err
+    assert "40 pairs (plain text); max_length 512; batches shuffled with seed 42" in captured.out
+    assert "prompt share of the unpadded tokens" in captured.out and "expected speedup" in captured.out
+    table = [line.split() for line in captured.out.splitlines() if line.split()[:2] in (["2", "20"], ["8", "5"])]
+    assert len(table) == 2
+
+    payload = json.loads(out.read_text())
+    assert [e["batch_size"] for e in payload["estimates"]] == [2, 8]
+    rows = read_jsonl("pandalm", 40)
+    for entry, line in zip(payload["estimates"], table, strict=True):
+        expected = estimate_savings(rows, str(TOKENIZER_DIR), batch_size=entry["batch_size"], max_length=512)
+        assert (entry["stock_tokens"], entry["tokens"]) == (expected.stock_tokens, expected.tokens)
+        assert entry["speedup_range"] == [expected.sharing_ratio, expected.token_ratio]
+        assert line[2:5] == [f"{expected.stock_tokens:,}", f"{expected.unpadded_tokens:,}", f"{expected.tokens:,}"]
+
+
+def test_progress_bar_goes_to_stderr_unless_silenced(tokenizer, capsys):
+    rows = read_jsonl("pandalm", 12)
+    estimate_savings(rows, tokenizer, progress=True)
+    assert "tokenizing" in capsys.readouterr().err
+    estimate_savings(rows, tokenizer, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_estimate_command_on_a_random_sample(tmp_path, capsys):
+    out = tmp_path / "sample.json"
+    main(
+        ["estimate", "--dataset", str(DATA / DATASETS["hh_helpful"]), "--tokenizer", str(TOKENIZER_DIR)]
+        + ["--limit", "60", "--sample", "12", "--json", str(out), "--no-progress"]
+    )
+    assert "(random sample of 12 of 60 examples)" in capsys.readouterr().out
+    (entry,) = json.loads(out.read_text())["estimates"]
+    assert entry["examples"] + entry["dropped"] == 12 and entry["implicit_prompt"]
