@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_dpo.py
+	$(BIN)/trl-prefix-share bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import re
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..collator import PACKED_KEY
 
@@ -94,3 +97,38 @@ class StepTimer(TrainerCallback):
 def intervals(marks: list[float], warmup: int) -> list[float]:
     """Durations of the steps after the first ``warmup`` ones, from consecutive end-of-step marks."""
     return [b - a for a, b in zip(marks[warmup - 1 : -1], marks[warmup:], strict=True)]
+
+
+@dataclass
+class TrainMeasurement:
+    """Timed steps, tokens per timed batch and peak memory of one `trainer.train()` run."""
+
+    step_seconds: list[float]
+    cpu_seconds: list[float]
+    tokens_per_step: float
+    stock_tokens_per_step: float
+    peak_memory_mib: float | None
+
+
+def measured_train(trainer: Any, memory: PeakMemory, warmup: int, steps: int) -> TrainMeasurement:
+    """Run ``trainer.train()`` (configured for ``warmup + steps`` steps) without progress output, timing every step
+    and counting the tokens of the timed batches: the instrumentation a benchmark script would otherwise copy."""
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    counter = TokenCountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    timer = StepTimer(memory)
+    trainer.add_callback(timer)
+    trainer.train()
+    expected = warmup + steps
+    if len(timer.wall) != expected:
+        raise RuntimeError(f"expected {expected} steps, got {len(timer.wall)}")
+    # The data loader may collate ahead: the trained batches are the first ones collated, in order.
+    timed = slice(warmup, expected)
+    return TrainMeasurement(
+        step_seconds=intervals(timer.wall, warmup),
+        cpu_seconds=intervals(timer.cpu, warmup),
+        tokens_per_step=statistics.mean(counter.ours[timed]),
+        stock_tokens_per_step=statistics.mean(counter.stock[timed]),
+        peak_memory_mib=memory.peak_mib(),
+    )
