@@ -30,6 +30,7 @@ from .grouping import GroupByPrompt, prompt_grouped_sampler
 from .length_grouping import LengthGroupedBatchSampler, preference_lengths
 from .model_support import enable_prefix_sharing, verify_packed_forward
 from .options import PrefixShareArguments, packing_options, prefix_share_arguments
+from .token_budget import TokenBudgetBatchSampler, packed_tokens, pairs_in_batch
 from .token_metrics import log_token_counts
 from .validation import validate_preference_dataset
 
@@ -87,10 +88,13 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         self.prefix_share_args = prefix_share_arguments(args) if args is not None else PrefixShareArguments()
         if self._always_group_by_prompt:
             self.prefix_share_args.group_by_prompt = True
-        if self.prefix_share_args.group_by_prompt and self.prefix_share_args.length_grouped_batches:
+        options = self.prefix_share_args
+        if options.group_by_prompt and (options.length_grouped_batches or options.max_batch_tokens is not None):
             raise ValueError(
-                "`group_by_prompt` and `length_grouped_batches` both choose the batches; set only one of them."
+                "`group_by_prompt` and `length_grouped_batches` / `max_batch_tokens` all choose the batches; set only "
+                "one of them."
             )
+        self._pair_weight: float | None = None  # token-budget batches: loss scale per pair of the current step
         self._prefix_share_installed = False
         self.prefix_share_totals = {"tokens": 0, "stock_tokens": 0}
         if _is_prompt_learning(peft_config):
@@ -152,12 +156,22 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         # Length grouping: similar lengths per batch, shuffled buckets (same batch size, same loss normalisation).
         dataset = self.train_dataset if train_dataset is None else train_dataset
         options = self.prefix_share_args
-        wanted = options.group_by_prompt or options.length_grouped_batches
+        wanted = options.group_by_prompt or options.length_grouped_batches or options.max_batch_tokens is not None
         if not wanted or not isinstance(dataset, Dataset) or "prompt_ids" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if options.group_by_prompt:
             return prompt_grouped_sampler(dataset, self._train_batch_size, seed)
+        if options.max_batch_tokens is not None:
+            return TokenBudgetBatchSampler(
+                packed_tokens(dataset),
+                preference_lengths(dataset),
+                options.max_batch_tokens,
+                bucket_size=options.length_bucket_batches * self.args.per_device_train_batch_size,
+                seed=seed,
+                num_replicas=self.accelerator.num_processes,
+                rank=self.accelerator.process_index,
+            )
         return LengthGroupedBatchSampler(
             preference_lengths(dataset), self._train_batch_size, options.length_bucket_batches, seed
         )
@@ -180,10 +194,25 @@ class PrefixSharedDPOTrainer(DPOTrainer):
 
     # -- step --------------------------------------------------------------------------------------------------------
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.prefix_share_args.max_batch_tokens is not None and batch_samples:
+            # Token-budget batches hold different numbers of pairs: weigh each pair of the step equally.
+            pairs = sum(pairs_in_batch(batch) for batch in batch_samples)
+            world = self.accelerator.num_processes
+            if world > 1:  # one small all-reduce per optimizer step, before its forwards
+                pairs = int(self.accelerator.reduce(torch.tensor(pairs, device=self.accelerator.device), "sum"))
+            self._pair_weight = len(batch_samples) * world / pairs
+        return batch_samples, num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if PACKED_KEY in inputs:
             self._log_token_counts(inputs)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._pair_weight is None or not model.training:
+            return result
+        scale = pairs_in_batch(inputs) * self._pair_weight
+        return (result[0] * scale, result[1]) if return_outputs else result * scale
 
     def _log_token_counts(self, inputs: dict[str, Any]) -> None:
         """Tokens run by the packed forward vs by stock TRL's padded batch (shapes only: no device sync)."""

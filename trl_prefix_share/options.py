@@ -45,7 +45,12 @@ class PrefixShareArguments:
             so the loss is normalised as usual). Evens out tokens per step across processes; opt-in because it
             changes which examples share a batch (see `docs/choosing_options.md`).
         length_bucket_batches (`int`, defaults to `64`):
-            Batches per sorting bucket of `length_grouped_batches`: larger groups lengths more tightly.
+            Batches per sorting bucket of `length_grouped_batches` and `max_batch_tokens`: larger groups lengths more
+            tightly.
+        max_batch_tokens (`int` or `None`, defaults to `None`):
+            DPO: token-budget batches. As many pairs per batch as fit this many packed tokens (prompt once + both
+            responses), from shuffled length-sorted buckets; `per_device_train_batch_size` is then not used. Each
+            pair weighs the same in the loss across micro-batches and processes (see `token_budget.py`).
         drop_invalid_examples (`bool`, defaults to `False`):
             Drop examples prefix sharing cannot train on (an empty response, a document longer than
             `max_row_tokens`) with a warning, instead of raising an error that names them.
@@ -73,6 +78,9 @@ class PrefixShareArguments:
     )
     length_bucket_batches: int = field(
         default=64, metadata={"help": "Batches per sorting bucket of length_grouped_batches."}
+    )
+    max_batch_tokens: int | None = field(
+        default=None, metadata={"help": "DPO: token-budget batches of at most this many packed tokens."}
     )
     drop_invalid_examples: bool = field(
         default=False, metadata={"help": "Drop examples prefix sharing cannot train on instead of raising."}
