@@ -32,6 +32,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=9)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="token-budget batches (ours only)")
+    parser.add_argument("--gradient-accumulation", type=int, default=1)
+    parser.add_argument("--union-of-ranks", type=int, default=None, help="stock: one batch = what N ranks get")
     return parser.parse_args(argv)
 
 
@@ -48,7 +51,12 @@ def dpo_config(args: argparse.Namespace):
     between two single-process runs. SGD keeps the comparison at rounding level."""
     from trl import DPOConfig
 
-    return DPOConfig(
+    from trl_prefix_share import PrefixSharedDPOConfig
+
+    budget = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
+    return (PrefixSharedDPOConfig if budget else DPOConfig)(
+        **budget,
+        gradient_accumulation_steps=args.gradient_accumulation,
         output_dir=tempfile.mkdtemp(prefix="mp-dpo-"),
         # On CPU, needed: without it the processes torchrun starts on a CUDA-less machine do not form a group.
         use_cpu=args.device == "cpu",
@@ -75,12 +83,51 @@ def build_trainer(args: argparse.Namespace):
     from trl_prefix_share import PrefixSharedDPOTrainer
 
     cls = PrefixSharedDPOTrainer if args.trainer == "prefix_share" else DPOTrainer
+    if args.union_of_ranks:
+        cls = union_of_ranks_trainer(args.max_batch_tokens, args.union_of_ranks)
     return cls(
         model=args.model,
         args=dpo_config(args),
         train_dataset=Dataset.from_list(read_rows(args.data, args.examples)),
         processing_class=AutoTokenizer.from_pretrained(args.model),
     )
+
+
+def union_of_ranks_trainer(max_batch_tokens: int, ranks: int):
+    """Stock DPO whose every step trains one batch: the union of what each of `ranks` processes gets from ours."""
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+    from trl import DPOTrainer
+
+    from trl_prefix_share.length_grouping import preference_lengths
+    from trl_prefix_share.token_budget import TokenBudgetBatchSampler, packed_tokens
+
+    class UnionOfRanks(BatchRebalanceSampler):  # the Trainer passes this class as the loader's batch_sampler
+        def __init__(self, samplers: list) -> None:
+            self.samplers = samplers
+
+        def __len__(self) -> int:
+            return len(self.samplers[0])
+
+        def set_epoch(self, epoch: int) -> None:
+            for sampler in self.samplers:
+                sampler.set_epoch(epoch)
+
+        def __iter__(self):
+            for parts in zip(*self.samplers, strict=True):
+                yield [index for part in parts for index in part]
+
+    class UnionDPOTrainer(DPOTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            data = train_dataset or self.train_dataset
+            tokens, lengths = packed_tokens(data), preference_lengths(data)
+            bucket = 64 * self.args.per_device_train_batch_size  # ours: length_bucket_batches * batch size
+            samplers = [
+                TokenBudgetBatchSampler(tokens, lengths, max_batch_tokens, bucket, self.args.seed, ranks, rank)
+                for rank in range(ranks)
+            ]
+            return UnionOfRanks(samplers)
+
+    return UnionDPOTrainer
 
 
 def record_local_token_counts(trainer) -> list[list[int]]:

@@ -162,10 +162,10 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def script_args(
-    model: str, out: Path, per_device_batch: int, trainer: str = "prefix_share", device: str = "cpu"
+    model: str, out: Path, per_device_batch: int, trainer: str = "prefix_share", device: str = "cpu", extra=()
 ) -> list[str]:
     batch = ["--per-device-batch", str(per_device_batch), "--trainer", trainer, "--device", device]
-    return ["--model", model, "--data", HH, "--out", str(out), *batch]
+    return ["--model", model, "--data", HH, "--out", str(out), *batch, *extra]
 
 
 def free_port() -> int:
@@ -175,7 +175,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_two_processes(model: str, out: Path, config: str = "cpu_2proc", device: str = "cpu") -> list[dict]:
+def run_two_processes(
+    model: str, out: Path, config: str = "cpu_2proc", device: str = "cpu", extra: tuple[str, ...] = ()
+) -> list[dict]:
     """`accelerate launch --config_file recipes/accelerate/CONFIG.yaml` the script; both ranks' results."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("LOCAL_RANK", None)
@@ -183,7 +185,7 @@ def run_two_processes(model: str, out: Path, config: str = "cpu_2proc", device: 
     command += ["--main_process_port", str(free_port())]  # not the default 29500: another job may hold it
     if device == "cuda":  # 2 GPUs whatever the config says, fp32 like the single-process runs
         command += ["--num_processes", "2", "--mixed_precision", "no"]
-    command += [str(SCRIPT), *script_args(model, out, per_device_batch=1, device=device)]
+    command += [str(SCRIPT), *script_args(model, out, per_device_batch=1, device=device, extra=extra)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -252,6 +254,25 @@ def test_token_metrics_are_summed_over_processes(runs):
         totals["tokens"] += entry["prefix_share/tokens"]
         totals["stock_tokens"] += entry["prefix_share/stock_tokens"]
     assert two[0]["prefix_share_totals"] == two[1]["prefix_share_totals"] == totals
+
+
+@pytest.mark.slow
+def test_token_budget_batches_over_two_processes_match_stock_on_their_union(tiny_model, tmp_path):
+    """Token-budget batches hold different numbers of pairs from step to step (equal across ranks within a step); two
+    processes must train exactly as stock DPO on one batch holding both ranks' pairs, step after step."""
+    budget = ("--max-batch-tokens", "500", "--examples", "16")
+    two = run_two_processes(tiny_model, tmp_path / "two", extra=budget)
+    union = ("--union-of-ranks", "2", "--max-batch-tokens", "500", "--examples", "16")
+    stock = script.run(script_args(tiny_model, tmp_path / "stock", 1, trainer="stock", extra=union))
+    two_steps, stock_steps = steps(two[0]), steps(stock)
+    assert len(two_steps) == len(stock_steps) >= 3
+    local = [rank["local_token_counts"] for rank in two]
+    assert len({counts[1] for counts in local[0]}) > 1  # the batch size (stock's rows) varies across steps
+    losses = [entry["loss"] for entry in stock_steps]
+    assert max(losses) - min(losses) > 1e-2
+    for step, (a, e) in enumerate(zip(two_steps, stock_steps, strict=True)):
+        assert math.isclose(a["loss"], e["loss"], rel_tol=RELATIVE_TOLERANCE), (step, a["loss"], e["loss"])
+        assert math.isclose(a["rewards/margins"], e["rewards/margins"], rel_tol=1e-4, abs_tol=1e-6), step
 
 
 # -- the same on GPUs --------------------------------------------------------------------------------------------------

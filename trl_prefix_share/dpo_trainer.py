@@ -197,12 +197,9 @@ class PrefixSharedDPOTrainer(DPOTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.prefix_share_args.max_batch_tokens is not None and batch_samples:
-            # Token-budget batches hold different numbers of pairs: weigh each pair of the step equally.
-            pairs = sum(pairs_in_batch(batch) for batch in batch_samples)
-            world = self.accelerator.num_processes
-            if world > 1:  # one small all-reduce per optimizer step, before its forwards
-                pairs = int(self.accelerator.reduce(torch.tensor(pairs, device=self.accelerator.device), "sum"))
-            self._pair_weight = len(batch_samples) * world / pairs
+            # Token-budget batches hold different numbers of pairs: weigh each pair of the step equally. Every rank
+            # holds the same counts (see `token_budget.py`), so no communication is needed.
+            self._pair_weight = len(batch_samples) / sum(pairs_in_batch(batch) for batch in batch_samples)
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

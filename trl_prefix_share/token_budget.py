@@ -5,15 +5,16 @@ memory while one of short pairs leaves the device idle). With prefix sharing the
 front (prompt once + both responses), so batches can be cut to a budget instead.
 
 Batches: a seeded permutation is cut into buckets, each bucket is sorted by length and filled greedily up to
-`max_batch_tokens` (a pair longer than the budget trains alone). Which pairs share a batch is drawn once (so every
-epoch has the same number of steps, which the Trainer's schedule relies on); the order of the batches is reshuffled
-every epoch. With several processes every rank builds the same batches and takes every `world_size`-th one, so the
-ranks of a step run similar token counts; the last `< world_size` batches of an epoch are left out.
+`max_batch_tokens` per process (a pair longer than the budget trains alone). With W processes the sorted bucket is
+taken W consecutive pairs at a time, one pair per rank, so in every step all ranks hold the same number of pairs of
+similar lengths: balanced ranks, and TRL's metric gathers (which need equal shapes) keep working; `n mod W` examples
+of an epoch are left out. Which pairs share a batch is drawn once (so every epoch has the same number of steps, which
+the Trainer's schedule relies on); the order of the batches is reshuffled every epoch.
 
 Loss: TRL's DPO loss is a mean over the pairs of a batch, and the Trainer averages micro-batches (gradient
-accumulation) and ranks (DDP) with equal weights. With a variable number of pairs per batch that would weight pairs
-unequally, so each micro-batch's loss is rescaled by ``pairs_in_batch * micro_batches * world_size / pairs_in_step``:
-the optimizer step then follows the mean over every pair of the step, as one big batch would.
+accumulation) with equal weights. With a variable number of pairs per micro-batch that would weight pairs unequally,
+so each micro-batch's loss is rescaled by ``pairs_in_batch * micro_batches / pairs_in_step`` (per process; every rank
+holds the same counts, so DDP's average is then the mean over every pair of the step, as one big batch would be).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
     ) -> None:
         if max_batch_tokens < 1 or bucket_size < 1:
             raise ValueError("max_batch_tokens and bucket_size must be >= 1")
+        if len(tokens) < num_replicas:
+            raise ValueError(f"{len(tokens)} example(s) cannot feed {num_replicas} processes.")
         self.tokens = torch.as_tensor(list(tokens), dtype=torch.long)
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
         self.max_batch_tokens = max_batch_tokens
@@ -59,44 +62,41 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        self.batches = self._compose(bucket_size)
-        if len(self.batches) < num_replicas:
-            raise ValueError(
-                f"max_batch_tokens={max_batch_tokens} makes {len(self.batches)} batch(es), fewer than the "
-                f"{num_replicas} processes; lower max_batch_tokens."
-            )
+        self.steps = self._compose(-(-bucket_size // num_replicas) * num_replicas)
 
-    def _compose(self, bucket_size: int) -> list[list[int]]:
+    def _compose(self, bucket_size: int) -> list[list[list[int]]]:
+        """The batches of every step: ``steps[k][r]`` is rank r's batch of step k (equal sizes across ranks)."""
+        world = self.num_replicas
         generator = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(self.tokens), generator=generator)
-        batches: list[list[int]] = []
+        order = order[: len(order) - len(order) % world]
+        steps: list[list[list[int]]] = []
         for start in range(0, len(order), bucket_size):
             members = order[start : start + bucket_size]
-            members = members[torch.argsort(self.lengths[members], stable=True)].tolist()
-            current: list[int] = []
+            units = members[torch.argsort(self.lengths[members], stable=True)].view(-1, world)  # one pair per rank
+            unit_cost = self.tokens[units].amax(dim=1).tolist()  # the costliest rank bounds the step
+            current: list[list[int]] = []
             used = 0
-            for index in members:
-                cost = int(self.tokens[index])
+            for unit, cost in zip(units.tolist(), unit_cost, strict=True):
                 if current and used + cost > self.max_batch_tokens:
-                    batches.append(current)
+                    steps.append([list(batch) for batch in zip(*current, strict=True)])
                     current, used = [], 0
-                current.append(index)
+                current.append(unit)
                 used += cost
             if current:
-                batches.append(current)
-        return batches
+                steps.append([list(batch) for batch in zip(*current, strict=True)])
+        return steps
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.batches) // self.num_replicas
+        return len(self.steps)
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
-        order = torch.randperm(len(self.batches), generator=generator).tolist()
-        usable = len(self) * self.num_replicas
-        yield from (self.batches[i] for i in order[self.rank : usable : self.num_replicas])
+        for step in torch.randperm(len(self.steps), generator=generator).tolist():
+            yield self.steps[step][self.rank]
 
 
 def packed_tokens(dataset) -> list[int]:
