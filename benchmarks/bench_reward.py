@@ -31,7 +31,6 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import datasets  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
@@ -39,6 +38,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
+from trl_prefix_share.bench.command import add_small_run_flags, parse_small_run  # noqa: E402
 from trl_prefix_share.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
 from trl_prefix_share.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
 from trl_prefix_share.bench.models import ModelShape, build_model_dir  # noqa: E402
@@ -108,26 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     parser.add_argument("--responses", type=int, default=4, help="ranked mode: responses per prompt")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs (pairs mode) or prompts (ranked mode)")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-        parser.error("--warmup, --steps and --rounds must be >= 1")
-    return args
+    add_small_run_flags(parser)
+    return parse_small_run(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     stock_data, our_data, stock_batch = datasets_for(args)
     shape = ModelShape(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.heads)
