@@ -182,9 +182,22 @@ def field_default(field: dataclasses.Field) -> str:
 
 
 def field_row(cls: type, field: dataclasses.Field, names: Iterable[str] = ()) -> str:
-    """The table row of one config field (the test compares it with the committed file)."""
+    """The table row of one config field (the test compares it with the committed file).
+
+    The type is the annotation as written in the source, read from the class that declares the field: TRL's
+    argument parser replaces `field.type` in place with the resolved type when it parses a config."""
     description = markdown_text(field_description(cls, field.name), names)
-    return f"| `{field.name}` | `{cell(str(field.type))}` | `{cell(field_default(field))}` | {cell(description)} |"
+    kind = cell(source_annotation(cls, field))
+    return f"| `{field.name}` | `{kind}` | `{cell(field_default(field))}` | {cell(description)} |"
+
+
+def source_annotation(cls: type, field: dataclasses.Field) -> str:
+    """The field's annotation text from the class body that declares it (falls back to `field.type`)."""
+    for klass in cls.__mro__:
+        annotations = klass.__dict__.get("__annotations__", {})
+        if field.name in annotations:
+            return annotation_text(annotations[field.name])
+    return annotation_text(field.type)
 
 
 def field_table(cls: type, fields: list[dataclasses.Field], names: Iterable[str]) -> list[str]:
