@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/python -m trl_prefix_share.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check trl_prefix_share tests benchmarks
-	$(BIN)/ruff format --check trl_prefix_share tests benchmarks
+	$(BIN)/ruff check trl_prefix_share tests benchmarks docs/*.py
+	$(BIN)/ruff format --check trl_prefix_share tests benchmarks docs/*.py
 
 test: lint
 	$(BIN)/python -m pytest -q
