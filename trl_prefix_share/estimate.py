@@ -29,9 +29,10 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 CHUNK = 1000
 
 SPEEDUP_NOTE = (
-    "The token ratio bounds the speedup. End to end on CPU we measured 0.9-1.1x of it; on GPU a small model gets\n"
-    "less (fixed per-step, attention and LM-head costs weigh more). The lower figure is prompt sharing alone,\n"
-    "against a padding-free baseline (stock TRL 1.16 has none for DPO)."
+    "The token ratio is the saving in the model body. End to end, small models on CPU gained more than it in our\n"
+    "benchmarks (stock TRL also runs its LM head over every padded position, ours over scored ones only); large\n"
+    "models and GPUs should expect it or less (fixed per-step costs). The lower figure is prompt sharing alone,\n"
+    "against a padding-free baseline (stock TRL 1.16 has none for DPO). Measured figures: docs/benchmarks.md."
 )
 
 
