@@ -108,3 +108,20 @@ def test_unknown_command_prints_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["nope"])
     assert exit_info.value.code == 2 and "commands:" in capsys.readouterr().out
+
+
+def test_accelerate_config_relaunches_the_command(monkeypatch):
+    """`--accelerate_config ddp` re-runs the same command under `accelerate launch` with our DDP config, without the
+    flag, and exits with the launch's status (TRL's CLI behaves the same way)."""
+    from trl_prefix_share import launch
+
+    launched = []
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(launch, "run_launch", lambda command: launched.append(command) or 7)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["orpo", "--config", "recipes/orpo_tiny_cpu.yaml", "--accelerate_config", "ddp", "--max_steps", "2"])
+    assert exit_info.value.code == 7
+    (command,) = launched
+    assert command[command.index("--config_file") + 1] == str(REPO / "recipes" / "accelerate" / "ddp.yaml")
+    tail = command[command.index("-m", command.index("--config_file")) :]
+    assert tail == ["-m", "trl_prefix_share.cli", "orpo", "--config", "recipes/orpo_tiny_cpu.yaml", "--max_steps", "2"]
