@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import statistics
 import time
@@ -49,6 +50,13 @@ class TokenCountingCollator:
         return batch
 
 
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap memory back to the OS, so an earlier run's memory is not counted in this one's
+    resident peak (no-op where glibc is not the allocator)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory of the training steps: CUDA's allocator peak, or on Linux the process's peak resident set.
 
@@ -64,6 +72,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            _return_freed_memory()
             with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
                 Path("/proc/self/clear_refs").write_text("5")
 
