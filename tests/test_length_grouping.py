@@ -150,3 +150,16 @@ def test_token_budget_step_equals_one_stock_batch_of_the_same_pairs(model_dir, t
         assert relative_difference(param, stock_params[name]) <= 1e-5, name
         compared += 1
     assert compared > 10
+
+
+def test_length_options_refuse_a_streaming_dataset(model_dir, tokenizer):
+    """No lengths up front: a clear error instead of silently ignoring the option."""
+    trainer = PrefixSharedDPOTrainer(
+        model=model_dir("llama"),
+        args=dpo_args(PrefixSharedDPOConfig, max_batch_tokens=500),
+        train_dataset=load_dataset_rows("hh_helpful", 4),
+        processing_class=tokenizer,
+    )
+    streaming = trainer.train_dataset.to_iterable_dataset()
+    with pytest.raises(ValueError, match="map-style"):
+        trainer._get_train_sampler(streaming)

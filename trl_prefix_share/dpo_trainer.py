@@ -156,7 +156,13 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         # Length grouping: similar lengths per batch, shuffled buckets (same batch size, same loss normalisation).
         dataset = self.train_dataset if train_dataset is None else train_dataset
         options = self.prefix_share_args
-        wanted = options.group_by_prompt or options.length_grouped_batches or options.max_batch_tokens is not None
+        by_length = options.length_grouped_batches or options.max_batch_tokens is not None
+        if by_length and not isinstance(dataset, Dataset):
+            raise ValueError(
+                "`length_grouped_batches` and `max_batch_tokens` sort a map-style `datasets.Dataset` by length; a "
+                "streaming/iterable dataset has no lengths up front. Materialise it or turn the option off."
+            )
+        wanted = options.group_by_prompt or by_length
         if not wanted or not isinstance(dataset, Dataset) or "prompt_ids" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
