@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from trl_prefix_share import PrefixSharedDPOTrainer  # noqa: E402
-from trl_prefix_share.bench.command import add_small_run_flags, parse_small_run  # noqa: E402
+from trl_prefix_share.bench.command import (  # noqa: E402
+    add_small_run_flags,
+    parse_small_run,
+    write_small_run_json,
+)
 from trl_prefix_share.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
 from trl_prefix_share.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
 from trl_prefix_share.bench.models import ModelShape, build_model_dir  # noqa: E402
@@ -146,13 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:<10}{row['median_s']:>15.3f}{row['best_s']:>13.3f}{row['tokens_per_step']:>13.0f}{peak:>10}"
             f"{row['speed_ratio']:>7.2f}x{row['token_ratio']:>7.2f}x"
         )
-    if args.json is not None:
-        payload = {
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "summary": summary,
-            "runs": [{"trainer": t, "round": i, **asdict(r)} for t, rs in runs.items() for i, r in enumerate(rs)],
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
+    write_small_run_json(args, summary, runs)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,11 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
-from trl_prefix_share.bench.command import add_small_run_flags, parse_small_run  # noqa: E402
+from trl_prefix_share.bench.command import (  # noqa: E402
+    add_small_run_flags,
+    parse_small_run,
+    write_small_run_json,
+)
 from trl_prefix_share.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
 from trl_prefix_share.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
 from trl_prefix_share.bench.models import ModelShape, build_model_dir  # noqa: E402
@@ -143,13 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(speed ratio {summary['speed_ratio']:.2f}x; same steps, best of rounds: {summary['best_speed_ratio']:.2f}x)\n"
         f"peak memory: stock {_mib(summary['stock_peak_mib'])}, ours {_mib(summary['ours_peak_mib'])}"
     )
-    if args.json is not None:
-        payload: dict[str, Any] = {
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "summary": summary,
-            "runs": [{"trainer": t, "round": i, **asdict(r)} for t, rs in runs.items() for i, r in enumerate(rs)],
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
+    write_small_run_json(args, summary, runs)
 
 
 if __name__ == "__main__":

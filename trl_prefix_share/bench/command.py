@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 from .data import DEFAULT_TOKENIZER, SHORT_NAMES
@@ -43,6 +45,18 @@ def parse_small_run(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     return args
+
+
+def write_small_run_json(args: argparse.Namespace, summary: dict, runs: dict[str, list]) -> None:
+    """`--json` of the special-case scripts: their flags, summary, and every run (trainer name -> one per round)."""
+    if args.json is None:
+        return
+    payload = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "summary": summary,
+        "runs": [{"trainer": t, "round": i, **asdict(r)} for t, rs in runs.items() for i, r in enumerate(rs)],
+    }
+    args.json.write_text(json.dumps(payload, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,10 +12,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .data import DEFAULT_TOKENIZER, dataset_label, load_rows, sample_rows, trainable_rows
-from .measure import PeakMemory, StepTimer, TokenCountingCollator, intervals
+from .measure import PeakMemory, TokenCountingCollator, measured_train
 from .models import PRESETS, ModelShape, build_model_dir
 from .trainers import VARIANTS, make_trainer
 
@@ -128,36 +127,23 @@ def run_once(
 ) -> RunResult:
     """Build one trainer, train it, and return its timed steps, tokens and peak memory."""
     started = time.perf_counter()
-    memory = PeakMemory(settings.resolved_device())
     with tempfile.TemporaryDirectory(prefix="trl-prefix-share-bench-") as output_dir:
         common = common_config(settings, output_dir, gradient_checkpointing)
         trainer = make_trainer(kind, variant, common, model, tokenizer, data)
-        for callback in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(callback)
-        counter = TokenCountingCollator(trainer.data_collator)
-        trainer.data_collator = counter
-        timer = StepTimer(memory)
-        trainer.add_callback(timer)
         setup = time.perf_counter() - started
-        trainer.train()
-        peak = memory.peak_mib()
+        measured = measured_train(trainer, PeakMemory(settings.resolved_device()), settings.warmup, settings.steps)
         del trainer
-    expected = settings.warmup + settings.steps
-    if len(timer.wall) != expected:
-        raise RuntimeError(f"{kind}/{variant}: expected {expected} steps, got {len(timer.wall)}")
-    # The data loader may collate ahead: the trained batches are the first ones collated, in order.
-    timed = slice(settings.warmup, expected)
     return RunResult(
         dataset=label,
         kind=kind,
         variant=variant,
         gradient_checkpointing=gradient_checkpointing,
         round=round_index,
-        step_seconds=intervals(timer.wall, settings.warmup),
-        cpu_seconds=intervals(timer.cpu, settings.warmup),
-        tokens_per_step=statistics.mean(counter.ours[timed]),
-        stock_tokens_per_step=statistics.mean(counter.stock[timed]),
-        peak_memory_mib=peak,
+        step_seconds=measured.step_seconds,
+        cpu_seconds=measured.cpu_seconds,
+        tokens_per_step=measured.tokens_per_step,
+        stock_tokens_per_step=measured.stock_tokens_per_step,
+        peak_memory_mib=measured.peak_memory_mib,
         setup_seconds=setup,
     )
 
