@@ -72,6 +72,32 @@ def assert_equivalent(stock, ours, stock_batch, our_batch, mode: str = "train", 
     assert {"prefix_share/tokens", "prefix_share/stock_tokens", "prefix_share/token_ratio"} <= our_metrics.keys()
 
 
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1, only: str | None = None) -> None:
+    """Move trainable weights by seeded noise (identical in both trainers, which start from identical weights), so the
+    comparison is not made at the symmetric random-init point where many gradients vanish."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and (only is None or only in name):
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def cpu_args(config_cls, batch: int, **fields):
+    """A trainer config for these CPU tests: fp32, no reporting, seed 0, `batch` examples per train/eval step."""
+    import tempfile
+
+    defaults = dict(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        report_to="none",
+        seed=0,
+    )
+    return config_cls(**{**defaults, **fields})
+
+
 def build_pair(make: Callable[[type], object]):
     """`make(trainer_cls)` builds a trainer; returns (stock, ours) with identical initial weights."""
     from trl import DPOTrainer

@@ -8,12 +8,11 @@ are non-trivial (at initialisation policy == reference and many losses are const
 from __future__ import annotations
 
 import math
-import tempfile
 
 import pytest
 import torch
 from conftest import conversational, load_dataset_rows
-from equivalence import assert_equivalent, build_pair, first_batch, relative_difference
+from equivalence import assert_equivalent, build_pair, cpu_args, first_batch, perturb, relative_difference
 from trl import DPOConfig, DPOTrainer
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
@@ -39,28 +38,7 @@ BATCH = 4
 
 
 def dpo_args(config_cls=DPOConfig, **overrides) -> DPOConfig:
-    defaults = dict(
-        output_dir=tempfile.mkdtemp(),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=BATCH,
-        per_device_eval_batch_size=BATCH,
-        report_to="none",
-        max_length=192,
-        seed=0,
-        beta=0.5,
-    )
-    defaults.update(overrides)
-    return config_cls(**defaults)
-
-
-def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1, only: str | None = None) -> None:
-    """Move trainable weights by seeded noise (identical in both trainers, which start from identical weights)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and (only is None or only in name):
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return cpu_args(config_cls, BATCH, **{**dict(max_length=192, beta=0.5), **overrides})
 
 
 def make_pair(model_path, tokenizer, dataset, args_factory=dpo_args, perturb_only=None, **trainer_kwargs):

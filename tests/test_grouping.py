@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections import Counter
 
 import pytest
 import torch
 from conftest import DATA, DATASETS, load_dataset_rows
-from equivalence import assert_equivalent, first_batch, relative_difference
+from equivalence import assert_equivalent, cpu_args, first_batch, perturb, relative_difference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_layout import PAD_ID, check_layout
@@ -174,27 +173,7 @@ def test_sampler_packs_groups_that_fit_exactly():
 
 
 def dpo_args(config_cls=DPOConfig, **overrides) -> DPOConfig:
-    defaults = dict(
-        output_dir=tempfile.mkdtemp(),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=BATCH,
-        per_device_eval_batch_size=BATCH,
-        report_to="none",
-        max_length=128,
-        seed=0,
-        beta=0.5,
-    )
-    defaults.update(overrides)
-    return config_cls(**defaults)
-
-
-def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return cpu_args(config_cls, BATCH, **{**dict(max_length=128, beta=0.5), **overrides})
 
 
 class SameOrderDPOTrainer(DPOTrainer):

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 
 import pytest
 import torch
 from conftest import conversational, read_jsonl
 from datasets import Dataset
-from equivalence import RELATIVE_TOLERANCE, relative_difference
+from equivalence import RELATIVE_TOLERANCE, cpu_args, perturb, relative_difference
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -55,26 +54,7 @@ def short_rows(name: str, count: int, max_chars: int = 600, offset: int = 0) -> 
 
 
 def make_args(config_cls, **overrides):
-    defaults = dict(
-        output_dir=tempfile.mkdtemp(),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=BATCH,
-        per_device_eval_batch_size=BATCH,
-        report_to="none",
-        max_length=512,
-        seed=0,
-        beta=0.5,
-    )
-    return config_cls(**{**defaults, **overrides})
-
-
-def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1, only: str | None = None) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and (only is None or only in name):
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return cpu_args(config_cls, BATCH, **{**dict(max_length=512, beta=0.5), **overrides})
 
 
 def make_pair(kind: str, model_path: str, tokenizer, dataset, perturb_only: str | None = None, **config):

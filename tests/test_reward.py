@@ -9,13 +9,12 @@ margins and accuracies are non-trivial.
 from __future__ import annotations
 
 import math
-import tempfile
 
 import pytest
 import torch
 from conftest import conversational, load_dataset_rows, read_jsonl
 from datasets import Dataset
-from equivalence import assert_equivalent, first_batch, loss_and_grads, relative_difference
+from equivalence import assert_equivalent, cpu_args, first_batch, loss_and_grads, perturb, relative_difference
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
@@ -32,18 +31,7 @@ BATCH = 4
 
 
 def reward_args(config_cls=RewardConfig, **overrides) -> RewardConfig:
-    defaults = dict(
-        output_dir=tempfile.mkdtemp(),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=BATCH,
-        per_device_eval_batch_size=BATCH,
-        report_to="none",
-        max_length=512,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return config_cls(**defaults)
+    return cpu_args(config_cls, BATCH, **{**dict(max_length=512), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +61,6 @@ def reward_model_dir(tmp_path_factory, tokenizer):
         return cache[family]
 
     return get
-
-
-def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1, only: str | None = None) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and (only is None or only in name):
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def make_trainer(cls, model_path, tokenizer, dataset, args=None, perturb_only=None, **kwargs):
