@@ -53,9 +53,11 @@ def test_flex_kernel_fp32_matches_stock(family, model_dir, tokenizer):
     _, stock_loss, stock_grads = run(DPOTrainer, model_dir(family), tokenizer, rows, bf16=False)
     ours, our_loss, our_grads = run(PrefixSharedDPOTrainer, model_dir(family), tokenizer, rows, bf16=False)
     assert ours.prefix_share_kernel == "flex"
+    # fp32 with TF32 off: only summation order differs (FlexAttention vs one padded SDPA call). The 10x margin over
+    # the CPU bound is a guess until these tests first run on a GPU; a wrong context is ~1e-2.
     assert relative_difference(our_loss, stock_loss) <= 10 * RELATIVE_TOLERANCE
     for name, expected in stock_grads.items():
-        assert relative_difference(our_grads[name], expected) <= 1e-3, name
+        assert relative_difference(our_grads[name], expected) <= 10 * RELATIVE_TOLERANCE, name
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
