@@ -35,15 +35,12 @@ def load_rows(name: str, split: str = "train") -> list[dict[str, Any]]:
             raise FileNotFoundError(f"{path} not found: set TRL_PREFIX_SHARE_SHARED to the folder holding data/")
         name = str(path)
     path = Path(name)
-    if path.suffix == ".jsonl" and path.exists():
+    if path.suffix == ".jsonl" and path.exists():  # the common case, read directly (no datasets cache)
         with open(path, encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
-    from datasets import load_dataset
+    from ..estimate import load_preference_dataset
 
-    if path.exists():
-        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
-        return load_dataset(kind, data_files=str(path), split="train").to_list()
-    return load_dataset(name, split=split).to_list()
+    return load_preference_dataset(name, split=split).to_list()
 
 
 def _prompt_tokens(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> int:
