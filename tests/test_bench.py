@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import TOKENIZER_DIR, load_dataset_rows
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trl_prefix_share.bench import BenchSettings, run_benchmark
-from trl_prefix_share.bench.models import ModelShape
+from trl_prefix_share.bench.command import build_parser, shape_from
+from trl_prefix_share.bench.models import PRESETS, ModelShape, build_model_dir
 from trl_prefix_share.bench.report import summarize
 from trl_prefix_share.cli import main
 
@@ -91,3 +94,18 @@ def test_bench_command_writes_table_json_and_chart(small_file, tmp_path, capsys)
     assert set(variants) == {"stock", "ours"} and variants["ours"]["token_ratio"] > 1
     assert payload["environment"]["trl"].startswith("1.16")
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_presets_build_their_published_shape(tmp_path):
+    """A preset's sizes reach the built model: SmolLM-135M (the shared tokenizer's family) ties its LM head to the
+    embeddings and uses grouped-query attention, like the published config."""
+    shape = shape_from(build_parser().parse_args(["--model-preset", "smollm-135m"]))
+    assert shape == PRESETS["smollm-135m"]
+    assert "tied embeddings" in shape.describe()
+    small = ModelShape("llama", layers=1, hidden=24, heads=3, kv_heads=1, intermediate=48, tie_embeddings=True)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    path = build_model_dir(small, tokenizer, reward=False, seed=0, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path)
+    assert (config.num_key_value_heads, config.intermediate_size, config.tie_word_embeddings) == (1, 48, True)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

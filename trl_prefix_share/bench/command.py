@@ -109,6 +109,7 @@ def shape_from(args: argparse.Namespace) -> ModelShape:
         heads=heads,
         kv_heads=heads if args.heads else preset.kv_heads,
         intermediate=None if args.hidden else preset.intermediate,
+        tie_embeddings=preset.tie_embeddings,
     )
 
 

@@ -19,16 +19,20 @@ class ModelShape:
     heads: int = 4
     kv_heads: int = 4
     intermediate: int | None = None
+    tie_embeddings: bool = False
 
     def describe(self) -> str:
-        return f"{self.family} {self.layers}x{self.hidden} ({self.heads} heads, {self.kv_heads} kv)"
+        tied = ", tied embeddings" if self.tie_embeddings else ""
+        return f"{self.family} {self.layers}x{self.hidden} ({self.heads} heads, {self.kv_heads} kv{tied})"
 
 
-#: Shapes by name. The Qwen2.5 ones copy the published configs' sizes (vocab comes from the tokenizer).
+#: Shapes by name. All but "tiny" copy a published config's sizes (vocab comes from the tokenizer): "smollm-135m" is
+#: the model family of the shared SmolLM tokenizer, the largest body that still trains in seconds per step on a CPU.
 PRESETS: dict[str, ModelShape] = {
     "tiny": ModelShape(),
-    "qwen2.5-0.5b": ModelShape("qwen2", 24, 896, 14, 2, 4864),
-    "qwen2.5-1.5b": ModelShape("qwen2", 28, 1536, 12, 2, 8960),
+    "smollm-135m": ModelShape("llama", 30, 576, 9, 3, 1536, tie_embeddings=True),
+    "qwen2.5-0.5b": ModelShape("qwen2", 24, 896, 14, 2, 4864, tie_embeddings=True),
+    "qwen2.5-1.5b": ModelShape("qwen2", 28, 1536, 12, 2, 8960, tie_embeddings=True),
 }
 
 
@@ -49,6 +53,7 @@ def build_model_dir(
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=4096,
         num_labels=1,
+        tie_word_embeddings=shape.tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
