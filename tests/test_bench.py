@@ -46,6 +46,7 @@ def test_ablation_variants_see_the_same_batches(small_file):
     assert runs["ours"].tokens_per_step < runs["unshared"].tokens_per_step < stock_tokens
     assert runs["ours"].tokens_per_step < runs["unpacked"].tokens_per_step
     assert all(len(run.step_seconds) == 2 and min(run.step_seconds) > 0 for run in report.runs)
+    assert all(0 <= run.training_memory_mib < run.peak_memory_mib for run in report.runs)
     (whole,) = report.whole_file
     assert whole.batches == 4 and whole.token_limit > whole.unpadded_limit > 1
     summaries = {s.variant: s for s in summarize(report)}

@@ -62,27 +62,40 @@ class PeakMemory:
 
     On CPU the kernel's high-water mark (VmHWM) is reset at the start of training (``/proc/self/clear_refs``), so
     the figure is this run's peak, not the process's; it includes weights and optimizer state, the same for every
-    variant, and the run's activations."""
+    variant, and the run's activations. ``growth_mib`` is the peak above the memory held when training started
+    (weights loaded): gradients, optimizer state and activations, the part that prefix sharing can shrink."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.start_mib: float | None = None
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mib = torch.cuda.memory_allocated(self.device) / 2**20
         else:
             _return_freed_memory()
             with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
                 Path("/proc/self/clear_refs").write_text("5")
+            self.start_mib = _status_mib("VmRSS")
 
     def peak_mib(self) -> float | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if not _STATUS.exists():
-            return None
-        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
-        return int(match.group(1)) / 1024 if match else None
+        return _status_mib("VmHWM")
+
+    def growth_mib(self) -> float | None:
+        peak = self.peak_mib()
+        return None if peak is None or self.start_mib is None else peak - self.start_mib
+
+
+def _status_mib(field: str) -> float | None:
+    """A memory figure of this process from ``/proc/self/status`` (Linux), in MiB."""
+    if not _STATUS.exists():
+        return None
+    match = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text())
+    return int(match.group(1)) / 1024 if match else None
 
 
 class StepTimer(TrainerCallback):
@@ -117,6 +130,7 @@ class TrainMeasurement:
     tokens_per_step: float
     stock_tokens_per_step: float
     peak_memory_mib: float | None
+    training_memory_mib: float | None  # peak above the start of training (weights excluded)
 
 
 def measured_train(trainer: Any, memory: PeakMemory, warmup: int, steps: int) -> TrainMeasurement:
@@ -140,4 +154,5 @@ def measured_train(trainer: Any, memory: PeakMemory, warmup: int, steps: int) ->
         tokens_per_step=statistics.mean(counter.ours[timed]),
         stock_tokens_per_step=statistics.mean(counter.stock[timed]),
         peak_memory_mib=memory.peak_mib(),
+        training_memory_mib=memory.growth_mib(),
     )

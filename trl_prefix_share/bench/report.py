@@ -25,6 +25,7 @@ class VariantSummary:
     median_cpu_s: float
     tokens_per_step: float
     peak_memory_mib: float | None
+    training_memory_mib: float | None  # peak above the start of training (weights excluded)
     speed_ratio: float | None  # stock median step / this median step
     best_of_rounds_ratio: float | None  # per step index, fastest over rounds, summed: robust to other load
     token_ratio: float | None  # stock tokens / these tokens, on the timed batches
@@ -51,6 +52,7 @@ def summarize(report: BenchReport) -> list[VariantSummary]:
             median = statistics.median(s for r in runs for s in r.step_seconds)
             tokens = statistics.mean(r.tokens_per_step for r in runs)
             peaks = [r.peak_memory_mib for r in runs if r.peak_memory_mib is not None]
+            growths = [r.training_memory_mib for r in runs if r.training_memory_mib is not None]
             per_round = []
             if stock:
                 per_round = [
@@ -68,6 +70,7 @@ def summarize(report: BenchReport) -> list[VariantSummary]:
                     median_cpu_s=statistics.median(s for r in runs for s in r.cpu_seconds),
                     tokens_per_step=tokens,
                     peak_memory_mib=max(peaks) if peaks else None,
+                    training_memory_mib=max(growths) if growths else None,
                     speed_ratio=stock_median / median if stock else None,
                     best_of_rounds_ratio=sum(_best_per_step(stock)) / sum(_best_per_step(runs)) if stock else None,
                     token_ratio=stock_tokens / tokens,
@@ -88,16 +91,17 @@ def format_table(report: BenchReport, summaries: list[VariantSummary]) -> str:
         cell = [s for s in summaries if (s.dataset, s.kind, s.gradient_checkpointing) == (dataset, kind, checkpointing)]
         lines.append(f"\n{dataset} / {KIND_LABELS[kind]} / gradient checkpointing {'on' if checkpointing else 'off'}")
         lines.append(
-            f"{'variant':<18}{'median s/step':>14}{'cpu s/step':>12}{'tokens/step':>13}{'peak MiB':>10}"
+            f"{'variant':<18}{'median s/step':>14}{'cpu s/step':>12}{'tokens/step':>13}{'peak MiB':>10}{'+MiB':>8}"
             f"{'speed':>9}{'best/rnd':>10}{'tokens':>9}{'share of limit':>16}"
         )
         by_variant = {s.variant: s for s in cell}
         for s in cell:
             peak = "-" if s.peak_memory_mib is None else f"{s.peak_memory_mib:.0f}"
+            growth = "-" if s.training_memory_mib is None else f"{s.training_memory_mib:.0f}"
             share = "-" if s.speed_ratio is None or s.variant == "stock" else f"{s.speed_ratio / s.token_ratio:.2f}"
             lines.append(
                 f"{VARIANT_LABELS[s.variant]:<18}{s.median_step_s:>14.3f}{s.median_cpu_s:>12.3f}"
-                f"{s.tokens_per_step:>13.0f}{peak:>10}{_ratio(s.speed_ratio):>9}{_ratio(s.best_of_rounds_ratio):>10}"
+                f"{s.tokens_per_step:>13.0f}{peak:>10}{growth:>8}{_ratio(s.speed_ratio):>9}{_ratio(s.best_of_rounds_ratio):>10}"
                 f"{_ratio(s.token_ratio):>9}{share:>16}"
             )
         if "ours" in by_variant and "unshared" in by_variant:
@@ -105,6 +109,11 @@ def format_table(report: BenchReport, summaries: list[VariantSummary]) -> str:
             alone = unshared.median_step_s / ours.median_step_s
             limit = unshared.tokens_per_step / ours.tokens_per_step
             lines.append(f"sharing alone (packed unshared / ours): {alone:.2f}x speed, {limit:.2f}x tokens")
+    if summaries:
+        lines.append(
+            "peak MiB: CUDA allocator peak, or the CPU run's peak resident set (weights included); +MiB: that peak "
+            "above the start of training (gradients, optimizer state, activations)"
+        )
     for whole in report.whole_file:
         lines.append(
             f"\nwhole file {whole.dataset} / {KIND_LABELS[whole.kind]} ({whole.batches} batches): tokens/step stock "

@@ -60,6 +60,7 @@ class RunResult:
     stock_tokens_per_step: float
     peak_memory_mib: float | None
     setup_seconds: float
+    training_memory_mib: float | None = None  # peak above the start of training: gradients, optimizer, activations
 
 
 @dataclass
@@ -145,6 +146,7 @@ def run_once(
         stock_tokens_per_step=measured.stock_tokens_per_step,
         peak_memory_mib=measured.peak_memory_mib,
         setup_seconds=setup,
+        training_memory_mib=measured.training_memory_mib,
     )
 
 
