@@ -1,0 +1,108 @@
+"""What the estimator returns: per-pair token lengths and one epoch's token counts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """Mean, median, 95th percentile and maximum of a token length (before truncation)."""
+
+    mean: float
+    median: float
+    p95: float
+    max: int
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> LengthStats:
+        if values.size == 0:
+            return cls(0.0, 0.0, 0.0, 0)
+        return cls(float(values.mean()), float(np.median(values)), float(np.percentile(values, 95)), int(values.max()))
+
+
+@dataclass
+class SavingsEstimate:
+    """Token counts of one training epoch over the dataset, stock TRL vs prefix sharing.
+
+    `stock_tokens` is the sum of `input_ids.numel()` of TRL's padded `[2B, L]` batches, `unpadded_tokens` the
+    prompt+chosen and prompt+rejected tokens without padding (prompt counted twice), `tokens` what the prefix-shared
+    packed rows hold (prompt once; identical chosen/rejected laid out once). `mean_batch_ratio` averages stock/ours
+    over batches; `prompt_share` is the prompt's part of `unpadded_tokens`. Length statistics are before truncation;
+    `spliced_checked` counts the pairs whose spliced tokenization was checked against TRL's (0: TRL's was used).
+    """
+
+    examples: int
+    batch_size: int
+    batches: int
+    stock_tokens: int
+    unpadded_tokens: int
+    tokens: int
+    mean_batch_ratio: float
+    prompt: LengthStats
+    chosen: LengthStats
+    rejected: LengthStats
+    prompt_share: float
+    conversational: bool
+    implicit_prompt: bool
+    dropped: int
+    truncated: int
+    identical: int
+    empty_responses: int
+    max_length: int | None
+    truncation_mode: str
+    shuffle: bool
+    seed: int
+    pad_to_multiple_of: int | None = None
+    max_row_tokens: int | None = None
+    pad_rows_to_multiple_of: int | None = None
+    spliced_checked: int = 0
+
+    @property
+    def token_ratio(self) -> float:
+        """Stock TRL tokens per prefix-shared token: the upper end of the expected speedup."""
+        return self.stock_tokens / max(self.tokens, 1)
+
+    @property
+    def sharing_ratio(self) -> float:
+        """Unpadded, unshared tokens per prefix-shared token: what prompt sharing alone saves."""
+        return self.unpadded_tokens / max(self.tokens, 1)
+
+    @property
+    def speedup_range(self) -> tuple[float, float]:
+        return (min(self.sharing_ratio, self.token_ratio), self.token_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(token_ratio=self.token_ratio, sharing_ratio=self.sharing_ratio, speedup_range=self.speedup_range)
+        return data
+
+
+@dataclass
+class PairLengths:
+    """Per-pair token lengths of a tokenized dataset (kept pairs only, in dataset order).
+
+    `chosen_seq`/`rejected_seq` are the truncated prompt+response lengths of the stock batch, `document` the tokens
+    the pair takes in a packed row.
+    """
+
+    prompt: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+    chosen_seq: np.ndarray
+    rejected_seq: np.ndarray
+    prompt_seq: np.ndarray
+    document: np.ndarray
+    identical: np.ndarray
+    conversational: bool
+    implicit_prompt: bool
+    dropped: int
+    max_length: int | None
+    truncation_mode: str
+    spliced_checked: int = 0
+
+    def __len__(self) -> int:
+        return len(self.document)
