@@ -4,6 +4,7 @@ and the command writes its table, JSON and chart. (Speed itself is measured by r
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from trl_prefix_share.bench import BenchSettings, run_benchmark
 from trl_prefix_share.bench.command import build_parser, shape_from
 from trl_prefix_share.bench.models import PRESETS, ModelShape, build_model_dir
 from trl_prefix_share.bench.report import summarize
+from trl_prefix_share.bench.runner import RepeatedWarningFilter
 from trl_prefix_share.cli import main
 
 TINY = ModelShape(family="qwen2", layers=2, hidden=32, heads=4, kv_heads=2)
@@ -110,3 +112,15 @@ def test_presets_build_their_published_shape(tmp_path):
     assert (config.num_key_value_heads, config.intermediate_size, config.tie_word_embeddings) == (1, 48, True)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_repeated_data_warnings_are_shown_once():
+    """TRL words a per-example warning differently for each example; the benchmark shows its first one only."""
+    warning = "The tokenized prompt is not a prefix of the tokenized prompt+completion, usually because the chat "
+
+    def record(tail: str) -> logging.LogRecord:
+        return logging.LogRecord("trl", logging.WARNING, __file__, 1, warning + tail, None, None)
+
+    repeated = RepeatedWarningFilter()
+    assert [repeated.filter(record(tail)) for tail in ("' H'", "' S'", "' H'")] == [True, False, False]
+    assert repeated.filter(logging.LogRecord("trl", logging.WARNING, __file__, 1, "another warning", None, None))

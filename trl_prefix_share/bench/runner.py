@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import statistics
 import tempfile
 import time
@@ -191,6 +192,39 @@ def environment(settings: BenchSettings) -> dict[str, Any]:
     }
 
 
+class RepeatedWarningFilter(logging.Filter):
+    """Lets a log message through once per opening: TRL's per-example data warnings (e.g. a prompt that is not a
+    token prefix) repeat for every trainer the benchmark builds and differ only in their last words."""
+
+    def __init__(self, opening_chars: int = 80) -> None:
+        super().__init__()
+        self.opening_chars = opening_chars
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        opening = record.getMessage()[: self.opening_chars]
+        if opening in self.seen:
+            return False
+        self.seen.add(opening)
+        return True
+
+
+#: Loggers of the trainers whose data warnings the benchmark shows once.
+QUIETED_LOGGERS = (
+    "trl.trainer.dpo_trainer",
+    "trl.trainer.reward_trainer",
+    "trl.experimental.cpo.cpo_trainer",
+    "trl.experimental.orpo.orpo_trainer",
+)
+
+
+def _show_data_warnings_once() -> None:
+    for name in QUIETED_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RepeatedWarningFilter) for f in target.filters):
+            target.addFilter(RepeatedWarningFilter())
+
+
 def run_benchmark(settings: BenchSettings, log: Any = print) -> BenchReport:
     """Run every cell; within a cell the variants alternate round by round so machine drift cancels."""
     import datasets
@@ -199,6 +233,7 @@ def run_benchmark(settings: BenchSettings, log: Any = print) -> BenchReport:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    _show_data_warnings_once()
     tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
     report = BenchReport(settings, environment(settings))
     dtype = torch.float32
