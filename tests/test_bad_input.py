@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_tiny_model, load_dataset_rows
 from datasets import Dataset
-from equivalence import assert_equivalent, first_batch, loss_and_grads
+from equivalence import assert_equivalent, cpu_args, first_batch, loss_and_grads
 from test_dpo_equivalence import BATCH, dpo_args, make_pair
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -115,15 +115,43 @@ def test_unsupported_architecture_fails_at_construction(tokenizer, tmp_path):
         )
 
 
-def test_prompt_learning_peft_is_refused(tokenizer):
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "reward"])
+def test_prompt_learning_peft_is_refused(tokenizer, kind):
+    """Every trainer refuses a prompt-learning adapter before TRL builds anything (its virtual tokens cannot be laid
+    out), with the fix in the message."""
     from peft import PromptTuningConfig
+    from trl import RewardConfig
+    from trl.experimental.orpo import ORPOConfig
 
+    from trl_prefix_share import PrefixSharedORPOTrainer, PrefixSharedRewardTrainer
+
+    trainer_cls, args, task = {
+        "dpo": (PrefixSharedDPOTrainer, dpo_args(), "CAUSAL_LM"),
+        "orpo": (PrefixSharedORPOTrainer, cpu_args(ORPOConfig, BATCH), "CAUSAL_LM"),
+        "reward": (PrefixSharedRewardTrainer, cpu_args(RewardConfig, BATCH), "SEQ_CLS"),
+    }[kind]
     model = build_tiny_model("llama", len(tokenizer))
-    with pytest.raises(ValueError, match="Prompt-learning PEFT"):
-        PrefixSharedDPOTrainer(
+    with pytest.raises(ValueError, match="Prompt-learning PEFT.*Use a LoRA-style adapter"):
+        trainer_cls(
             model=model,
-            args=dpo_args(),
+            args=args,
             train_dataset=load_dataset_rows("pandalm", 4),
             processing_class=tokenizer,
-            peft_config=PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+            peft_config=PromptTuningConfig(num_virtual_tokens=4, task_type=task),
         )
+
+
+def test_model_to_patch_unwraps_lora_and_refuses_a_wrapped_prompt_learning_model(tokenizer):
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    from trl_prefix_share.trainer_setup import model_to_patch
+
+    base = build_tiny_model("llama", len(tokenizer))
+    assert model_to_patch(base) is base
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert model_to_patch(lora) is lora.get_base_model() and model_to_patch(lora) is not lora
+    prompt_tuned = get_peft_model(
+        build_tiny_model("llama", len(tokenizer)), PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    )
+    with pytest.raises(ValueError, match="Prompt-learning PEFT"):
+        model_to_patch(prompt_tuned)

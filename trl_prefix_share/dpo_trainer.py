@@ -29,9 +29,10 @@ from .collator import PACKED_KEY, PrefixSharedPreferenceCollator, pair_documents
 from .grouping import GroupByPrompt, prompt_grouped_sampler
 from .length_grouping import LengthGroupedBatchSampler, preference_lengths
 from .model_support import enable_prefix_sharing, verify_packed_forward
-from .options import PrefixShareArguments, packing_options, prefix_share_arguments
+from .options import packing_options
 from .token_budget import TokenBudgetBatchSampler, packed_tokens, pairs_in_batch
 from .token_metrics import log_token_counts
+from .trainer_setup import model_to_patch, probe_models, start_prefix_share
 from .validation import validate_preference_dataset
 
 if TYPE_CHECKING:
@@ -39,15 +40,6 @@ if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
 logger = logging.getLogger(__name__)
-
-PROMPT_LEARNING_ERROR = (
-    "Prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens to every sequence, which prefix "
-    "sharing cannot lay out. Use a LoRA-style adapter, or the stock trainer."
-)
-
-
-def _is_prompt_learning(peft_config: Any) -> bool:
-    return bool(getattr(peft_config, "is_prompt_learning", False))
 
 
 def _needs_reference_copy(model: Any, args: Any, peft_config: Any) -> bool:
@@ -85,7 +77,7 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
     ) -> None:
-        self.prefix_share_args = prefix_share_arguments(args) if args is not None else PrefixShareArguments()
+        start_prefix_share(self, args, peft_config)
         if self._always_group_by_prompt:
             self.prefix_share_args.group_by_prompt = True
         options = self.prefix_share_args
@@ -96,9 +88,6 @@ class PrefixSharedDPOTrainer(DPOTrainer):
             )
         self._pair_weight: float | None = None  # token-budget batches: loss scale per pair of the current step
         self._prefix_share_installed = False
-        self.prefix_share_totals = {"tokens": 0, "stock_tokens": 0}
-        if _is_prompt_learning(peft_config):
-            raise ValueError(PROMPT_LEARNING_ERROR)
         if ref_model is None and _needs_reference_copy(model, args, peft_config):
             # TRL would reload the reference from `config._name_or_path`, which a model built from a config lacks
             # (it fails with an unhelpful repo-id error). The reference is the initial policy, so copy it.
@@ -128,23 +117,14 @@ class PrefixSharedDPOTrainer(DPOTrainer):
             return
         if self._is_vision_dataset:
             raise ValueError("Prefix sharing does not support vision-language preference data; use DPOTrainer.")
-        device = self.accelerator.device
-        packing, kernel = packing_options(self.prefix_share_args, device)
+        packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
         self.prefix_share_kernel = kernel  # the attention kernel "auto" resolved to (sdpa on CPU, flex on CUDA)
-        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        if is_peft_model(self.model) and any(map(_is_prompt_learning, self.model.peft_config.values())):
-            raise ValueError(PROMPT_LEARNING_ERROR)
-        models = [policy]
+        models = [model_to_patch(self.model)]
         if self.ref_model is not None:
             models.append(self.accelerator.unwrap_model(self.ref_model))
         for model in models:
             enable_prefix_sharing(model, kernel)
-        if self.prefix_share_args.verify_model:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                logger.info("Skipping the packed-forward probe: parameters are sharded until training starts.")
-            else:
-                for model in models:
-                    verify_packed_forward(model, kernel, device)
+        probe_models(self, models, verify_packed_forward, kernel)
         grouping = GroupByPrompt(packing.max_row_tokens) if self.prefix_share_args.group_by_prompt else pair_documents
         self.data_collator = PrefixSharedPreferenceCollator(
             self.data_collator, pad_token_id=self._tokenizer.pad_token_id, options=packing, group_documents=grouping

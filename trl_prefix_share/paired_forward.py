@@ -18,22 +18,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from trl.trainer.utils import add_fused_lm_head
 
 from .collator import PACKED_KEY, PackingOptions, pair_documents, sequences_from_padded_batch
 from .layout import IGNORE_INDEX, SequenceSpec, make_document, pack_documents
 from .model_support import enable_prefix_sharing, verify_packed_forward
-from .options import PrefixShareArguments, packing_options, prefix_share_arguments
+from .options import PrefixShareArguments, packing_options
+from .trainer_setup import model_to_patch, probe_models, start_prefix_share
 
 logger = logging.getLogger(__name__)
 
 FUSED_OUTPUTS = ("log_probs", "mean_logits")
-PROMPT_LEARNING_ERROR = (
-    "Prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens to every sequence, which prefix "
-    "sharing cannot lay out. Use a LoRA-style adapter, or the stock trainer."
-)
 _SHOWN = 10
 
 # -- layout of the stacked batch ---------------------------------------------------------------------------------------
@@ -273,11 +269,8 @@ class PrefixSharedPairedMixin:
         peft_config: Any = None,
         compute_metrics: Any = None,
     ) -> None:
-        self.prefix_share_args = prefix_share_arguments(args) if args is not None else PrefixShareArguments()
-        self.prefix_share_totals = {"tokens": 0, "stock_tokens": 0}
+        start_prefix_share(self, args, peft_config)
         self._prefix_share_step_tokens: tuple[int, int] | None = None
-        if getattr(peft_config, "is_prompt_learning", False):
-            raise ValueError(PROMPT_LEARNING_ERROR)
         if model_init is not None:
             raise ValueError(
                 "`model_init` (hyperparameter search) re-creates the model at `train()`, without the packed forward "
@@ -315,20 +308,11 @@ class PrefixSharedPairedMixin:
         """Add TRL's fused LM head and the packed forward to the causal LM, and wrap the collator."""
         if self.is_encoder_decoder:
             raise ValueError("Prefix sharing needs a decoder-only model; use the stock trainer for encoder-decoders.")
-        if is_peft_model(self.model) and any(
-            getattr(config, "is_prompt_learning", False) for config in self.model.peft_config.values()
-        ):
-            raise ValueError(PROMPT_LEARNING_ERROR)
-        device = self.accelerator.device
-        self._prefix_share_packing, kernel = packing_options(self.prefix_share_args, device)
-        causal_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._prefix_share_packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
+        causal_lm = model_to_patch(self.model)
         add_fused_lm_head(causal_lm, outputs=FUSED_OUTPUTS)
         enable_prefix_sharing(causal_lm, kernel)
-        if self.prefix_share_args.verify_model:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                logger.info("Skipping the packed-forward probe: parameters are sharded until training starts.")
-            else:
-                verify_packed_forward(causal_lm, kernel, device)
+        probe_models(self, [causal_lm], verify_packed_forward, kernel)
         self.data_collator = PairedPackingCollator(
             self.data_collator,
             concatenate=functools.partial(

@@ -14,20 +14,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import DataCollator, EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import get_dataset_column_names
 
 from .collator import PACKED_KEY
-from .dpo_trainer import PROMPT_LEARNING_ERROR, _is_prompt_learning
-from .options import PrefixShareArguments, packing_options, prefix_share_arguments
+from .options import packing_options
 from .packed_scores import enable_packed_scores, verify_packed_scores
 from .ranked import RANKED_COLUMNS, DataCollatorForRankedPreference, is_ranked_dataset, prepare_ranked_dataset
 from .reward_collator import PrefixSharedRewardCollator
 from .reward_validation import validate_reward_dataset
 from .token_metrics import log_token_counts
+from .trainer_setup import model_to_patch, probe_models, start_prefix_share
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -63,10 +62,7 @@ class PrefixSharedRewardTrainer(RewardTrainer):
         quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
     ) -> None:
-        self.prefix_share_args = prefix_share_arguments(args) if args is not None else PrefixShareArguments()
-        self.prefix_share_totals = {"tokens": 0, "stock_tokens": 0}
-        if _is_prompt_learning(peft_config):
-            raise ValueError(PROMPT_LEARNING_ERROR)
+        start_prefix_share(self, args, peft_config)
         super().__init__(
             model,
             args=args,
@@ -86,14 +82,10 @@ class PrefixSharedRewardTrainer(RewardTrainer):
 
     def _install_prefix_sharing(self) -> None:
         """Switch the model to the packed forward, probe it, and wrap the collator."""
-        device = self.accelerator.device
-        packing, kernel = packing_options(self.prefix_share_args, device)
-        if is_peft_model(self.model) and any(map(_is_prompt_learning, self.model.peft_config.values())):
-            raise ValueError(PROMPT_LEARNING_ERROR)
-        model = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
+        model = model_to_patch(self.model)
         enable_packed_scores(model, kernel)
-        if self.prefix_share_args.verify_model and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            verify_packed_scores(model, kernel, device)
+        probe_models(self, [model], verify_packed_scores, kernel)
         # The head reads scores by the model's pad id (RewardTrainer sets it to the tokenizer's).
         pad_token_id = model.config.get_text_config().pad_token_id
         self.data_collator = PrefixSharedRewardCollator(
