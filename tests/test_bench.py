@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl_prefix_share.bench import BenchSettings, run_benchmark
 from trl_prefix_share.bench.command import build_parser, shape_from
 from trl_prefix_share.bench.models import PRESETS, ModelShape, build_model_dir
-from trl_prefix_share.bench.report import summarize
-from trl_prefix_share.bench.runner import RepeatedWarningFilter
+from trl_prefix_share.bench.report import format_table, sharing_alone, summarize
+from trl_prefix_share.bench.runner import BenchReport, RepeatedWarningFilter, RunResult
 from trl_prefix_share.cli import main
 
 TINY = ModelShape(family="qwen2", layers=2, hidden=32, heads=4, kv_heads=2)
@@ -124,3 +124,26 @@ def test_repeated_data_warnings_are_shown_once():
     repeated = RepeatedWarningFilter()
     assert [repeated.filter(record(tail)) for tail in ("' H'", "' S'", "' H'")] == [True, False, False]
     assert repeated.filter(logging.LogRecord("trl", logging.WARNING, __file__, 1, "another warning", None, None))
+
+
+def test_sharing_alone_uses_median_and_best_of_rounds():
+    """The target figure of the ablation: a slow outlier step in one round moves the median ratio but not the
+    best-of-rounds one (per step index, the fastest round)."""
+
+    def run(variant: str, round_index: int, seconds: list[float], tokens: float) -> RunResult:
+        return RunResult("data", "dpo", variant, True, round_index, seconds, seconds, tokens, 3000.0, None, 0.0)
+
+    report = BenchReport(BenchSettings(variants=["unshared", "ours"]), environment={})
+    report.runs = [
+        run("unshared", 0, [9.0, 3.0], 1500.0),  # first step slowed by other load in round 0
+        run("ours", 0, [2.0, 2.0], 1000.0),
+        run("unshared", 1, [3.0, 3.0], 1500.0),
+        run("ours", 1, [2.0, 2.0], 1000.0),
+    ]
+    median, best, tokens = sharing_alone(report, ("data", "dpo", True))
+    assert (median, best, tokens) == (1.5, 1.5, 1.5)
+    report.runs[2] = run("unshared", 1, [3.0, 9.0], 1500.0)  # and the second step in round 1
+    median, best, _ = sharing_alone(report, ("data", "dpo", True))
+    assert median == 3.0 and best == 1.5
+    table = format_table(report, summarize(report))
+    assert "3.00x speed (best of rounds 1.50x), 1.50x tokens: 2.00 (1.00) of the unpadded limit" in table
