@@ -58,12 +58,13 @@ def _return_freed_memory() -> None:
 
 
 class PeakMemory:
-    """Peak memory of the training steps: CUDA's allocator peak, or on Linux the process's peak resident set.
+    """Peak memory of the timed steps: CUDA's allocator peak, or on Linux the process's peak resident set.
 
-    On CPU the kernel's high-water mark (VmHWM) is reset at the start of training (``/proc/self/clear_refs``), so
-    the figure is this run's peak, not the process's; it includes weights and optimizer state, the same for every
-    variant, and the run's activations. ``growth_mib`` is the peak above the memory held when training started
-    (weights loaded): gradients, optimizer state and activations, the part that prefix sharing can shrink."""
+    ``reset`` is called after the warm-up steps. On CPU it first hands freed heap memory back to the OS and resets the
+    kernel's high-water mark (VmHWM, ``/proc/self/clear_refs``), so the peak is the timed steps', not the process's.
+    The peak includes weights and optimizer state, the same for every variant. ``growth_mib`` is the peak above the
+    memory held at the reset, when weights, optimizer state and buffers are in place: what the timed steps'
+    activations and gradients add, the part that scales with the tokens a step runs."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -99,19 +100,23 @@ def _status_mib(field: str) -> float | None:
 
 
 class StepTimer(TrainerCallback):
-    """Wall and CPU time at the end of every optimizer step; resets the memory peak when training starts."""
+    """Wall and CPU time at the end of every optimizer step; resets the memory peak after the warm-up steps (inside
+    the last warm-up step's interval, so the reset is not timed)."""
 
-    def __init__(self, memory: PeakMemory) -> None:
+    def __init__(self, memory: PeakMemory, warmup: int = 1) -> None:
         self.memory = memory
+        self.warmup = warmup
         self.wall: list[float] = []
         self.cpu: list[float] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.memory.reset()
+        self.memory.reset()  # superseded after the warm-up; kept so that a run without warm-up still has a start
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.memory.device.type == "cuda":
             torch.cuda.synchronize(self.memory.device)
+        if len(self.wall) + 1 == self.warmup:
+            self.memory.reset()
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
 
@@ -130,7 +135,7 @@ class TrainMeasurement:
     tokens_per_step: float
     stock_tokens_per_step: float
     peak_memory_mib: float | None
-    training_memory_mib: float | None  # peak above the start of training (weights excluded)
+    training_memory_mib: float | None  # timed steps' peak above the memory held after the warm-up
 
 
 def measured_train(trainer: Any, memory: PeakMemory, warmup: int, steps: int) -> TrainMeasurement:
@@ -140,7 +145,7 @@ def measured_train(trainer: Any, memory: PeakMemory, warmup: int, steps: int) ->
         trainer.remove_callback(callback)
     counter = TokenCountingCollator(trainer.data_collator)
     trainer.data_collator = counter
-    timer = StepTimer(memory)
+    timer = StepTimer(memory, warmup)
     trainer.add_callback(timer)
     trainer.train()
     expected = warmup + steps

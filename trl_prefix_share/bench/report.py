@@ -25,7 +25,7 @@ class VariantSummary:
     median_cpu_s: float
     tokens_per_step: float
     peak_memory_mib: float | None
-    training_memory_mib: float | None  # peak above the start of training (weights excluded)
+    training_memory_mib: float | None  # timed steps' peak above the memory held after the warm-up
     speed_ratio: float | None  # stock median step / this median step
     best_of_rounds_ratio: float | None  # per step index, fastest over rounds, summed: robust to other load
     token_ratio: float | None  # stock tokens / these tokens, on the timed batches
@@ -126,8 +126,8 @@ def format_table(report: BenchReport, summaries: list[VariantSummary]) -> str:
             )
     if summaries:
         lines.append(
-            "peak MiB: CUDA allocator peak, or the CPU run's peak resident set (weights included); +MiB: that peak "
-            "above the start of training (gradients, optimizer state, activations)"
+            "peak MiB: the timed steps' CUDA allocator peak, or CPU peak resident set (weights and optimizer state "
+            "included); +MiB: that peak above the memory held after the warm-up (activations and gradients)"
         )
     for whole in report.whole_file:
         lines.append(

@@ -61,7 +61,7 @@ class RunResult:
     stock_tokens_per_step: float
     peak_memory_mib: float | None
     setup_seconds: float
-    training_memory_mib: float | None = None  # peak above the start of training: gradients, optimizer, activations
+    training_memory_mib: float | None = None  # timed steps' peak above the memory after the warm-up
 
 
 @dataclass
