@@ -77,9 +77,9 @@ class PeakMemory:
             self.start_mib = torch.cuda.memory_allocated(self.device) / 2**20
         else:
             _return_freed_memory()
+            self.start_mib = _status_mib("VmRSS")  # read first: the reset mark then holds at least this much
             with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
                 Path("/proc/self/clear_refs").write_text("5")
-            self.start_mib = _status_mib("VmRSS")
 
     def peak_mib(self) -> float | None:
         if self.device.type == "cuda":
