@@ -100,11 +100,20 @@ def test_bench_command_writes_table_json_and_chart(small_file, tmp_path, capsys)
 
 
 def test_presets_build_their_published_shape(tmp_path):
-    """A preset's sizes reach the built model: SmolLM-135M (the shared tokenizer's family) ties its LM head to the
-    embeddings and uses grouped-query attention, like the published config."""
-    shape = shape_from(build_parser().parse_args(["--model-preset", "smollm-135m"]))
-    assert shape == PRESETS["smollm-135m"]
-    assert "tied embeddings" in shape.describe()
+    """Every preset holds the published config's sizes (written out here from the hub's config.json files, not read
+    from the presets), and a shape's sizes and tied embeddings reach the model built from it."""
+    # (layers, hidden, heads, kv heads, MLP, tied) of the published config.json files on the hub
+    published = {
+        "smollm-135m": (30, 576, 9, 3, 1536, True),
+        "qwen2.5-0.5b": (24, 896, 14, 2, 4864, True),
+        "qwen2.5-1.5b": (28, 1536, 12, 2, 8960, True),
+    }
+    for name, sizes in published.items():
+        shape = shape_from(build_parser().parse_args(["--model-preset", name]))
+        assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.intermediate, shape.tie_embeddings) == (
+            sizes
+        ), name
+    assert "tied embeddings" in PRESETS["smollm-135m"].describe()
     small = ModelShape("llama", layers=1, hidden=24, heads=3, kv_heads=1, intermediate=48, tie_embeddings=True)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     path = build_model_dir(small, tokenizer, reward=False, seed=0, dtype=torch.float32)
