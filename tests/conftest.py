@@ -77,7 +77,10 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-def build_tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
+def build_tiny_model(
+    family: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float64, **overrides
+) -> torch.nn.Module:
+    """A 2-layer model of `family`, in float64 by default (see `equivalence.EQUIVALENCE_DTYPE`)."""
     spec = dict(FAMILIES[family])
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(
@@ -92,7 +95,7 @@ def build_tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -
         **{**spec, **overrides},
     )
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 @pytest.fixture(scope="session")

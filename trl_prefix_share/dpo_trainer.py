@@ -25,15 +25,15 @@ from transformers import (
 )
 from trl import DPOConfig, DPOTrainer
 
-from .collator import PACKED_KEY, PrefixSharedPreferenceCollator, pair_documents
+from .collator import PrefixSharedPreferenceCollator, pair_documents
 from .grouping import GroupByPrompt, prompt_grouped_sampler
 from .length_grouping import LengthGroupedBatchSampler, preference_lengths
 from .model_support import enable_prefix_sharing, verify_packed_forward
 from .options import packing_options
 from .token_budget import TokenBudgetBatchSampler, packed_tokens, pairs_in_batch
-from .token_metrics import log_token_counts
-from .trainer_setup import model_to_patch, probe_models, start_prefix_share
-from .validation import validate_preference_dataset
+from .token_metrics import log_batch_token_counts
+from .trainer_setup import install_or_fall_back, model_to_patch, start_prefix_share
+from .validation import check_not_emptied, validate_preference_dataset
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -119,17 +119,16 @@ class PrefixSharedDPOTrainer(DPOTrainer):
             raise ValueError("Prefix sharing does not support vision-language preference data; use DPOTrainer.")
         packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
         self.prefix_share_kernel = kernel  # the attention kernel "auto" resolved to (sdpa on CPU, flex on CUDA)
+        self._prefix_share_installed = True
         models = [model_to_patch(self.model)]
         if self.ref_model is not None:
             models.append(self.accelerator.unwrap_model(self.ref_model))
-        for model in models:
-            enable_prefix_sharing(model, kernel)
-        probe_models(self, models, verify_packed_forward, kernel)
+        if not install_or_fall_back(self, models, enable_prefix_sharing, verify_packed_forward, kernel):
+            return  # exact fallback: TRL's own collator and forward
         grouping = GroupByPrompt(packing.max_row_tokens) if self.prefix_share_args.group_by_prompt else pair_documents
         self.data_collator = PrefixSharedPreferenceCollator(
             self.data_collator, pad_token_id=self._tokenizer.pad_token_id, options=packing, group_documents=grouping
         )
-        self._prefix_share_installed = True
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
         # Grouping by prompt needs pairs with the same prompt in one batch: a prompt-grouped, seeded shuffle.
@@ -163,7 +162,9 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         )
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        check_not_emptied(before, dataset, dataset_name, args.max_length)
         return validate_preference_dataset(
             dataset,
             dataset_name,
@@ -189,14 +190,9 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if PACKED_KEY in inputs:
-            self._log_token_counts(inputs)
+        log_batch_token_counts(self, inputs)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._pair_weight is None or not model.training:
             return result
         scale = pairs_in_batch(inputs) * self._pair_weight
         return (result[0] * scale, result[1]) if return_outputs else result * scale
-
-    def _log_token_counts(self, inputs: dict[str, Any]) -> None:
-        """Tokens run by the packed forward vs by stock TRL's padded batch (shapes only: no device sync)."""
-        log_token_counts(self, inputs[PACKED_KEY]["input_ids"].numel(), inputs["input_ids"].numel())

@@ -35,7 +35,12 @@ class PrefixShareArguments:
             `"flex_eager"` (uncompiled FlexAttention, forward only on CPU; for tests).
         verify_model (`bool`, defaults to `True`):
             At construction, check on a few tokens that the packed forward of this model equals its unpacked forward,
-            and refuse an architecture that does not pass.
+            (see `on_unsupported_model` for a model that does not pass). Skipped under DeepSpeed / FSDP, where the
+            structural check alone guards.
+        on_unsupported_model (`str`, defaults to `"fallback"`):
+            What to do with a model the packed path cannot serve exactly (found from its layers, e.g. convolution or
+            SSM mixers, attention sinks, soft-capping, or by the probe): `"fallback"` trains exactly like the stock
+            TRL trainer, with one warning naming the reason; `"error"` raises `UnsupportedModelError`.
         group_by_prompt (`bool`, defaults to `False`):
             DPO: batch the pairs that share a prompt together and lay each prompt out once for all its pairs (one
             branch per distinct response). Opt-in: it changes which examples share a batch (see
@@ -70,6 +75,10 @@ class PrefixShareArguments:
     verify_model: bool = field(
         default=True, metadata={"help": "Check at construction that the packed forward equals the unpacked one."}
     )
+    on_unsupported_model: str = field(
+        default="fallback",
+        metadata={"help": "Model the packed path cannot serve: fallback (train like stock) or error."},
+    )
     group_by_prompt: bool = field(
         default=False, metadata={"help": "DPO: batch pairs with the same prompt together, the prompt run once."}
     )
@@ -88,11 +97,17 @@ class PrefixShareArguments:
 
 
 PREFIX_SHARE_FIELDS = tuple(f.name for f in fields(PrefixShareArguments))
+UNSUPPORTED_MODEL_CHOICES = ("fallback", "error")
 
 
 def prefix_share_arguments(args: Any) -> PrefixShareArguments:
     """The prefix-sharing options of any config: its own values where it has them, defaults elsewhere."""
-    return PrefixShareArguments(**{name: getattr(args, name) for name in PREFIX_SHARE_FIELDS if hasattr(args, name)})
+    options = PrefixShareArguments(**{name: getattr(args, name) for name in PREFIX_SHARE_FIELDS if hasattr(args, name)})
+    if options.on_unsupported_model not in UNSUPPORTED_MODEL_CHOICES:
+        raise ValueError(
+            f"on_unsupported_model={options.on_unsupported_model!r}; choose one of {UNSUPPORTED_MODEL_CHOICES}."
+        )
+    return options
 
 
 def packing_options(options: PrefixShareArguments, device: torch.device) -> tuple[PackingOptions, str]:

@@ -16,9 +16,9 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from .attention import ATTENTION_NAME, layout_for_batch, packed_forward_scope, register_attention
+from .attention import layout_for_batch, packed_forward_scope
 from .collator import PACKED_KEY, PackingOptions
-from .model_support import UnsupportedModelError, _to_device, check_architecture
+from .model_support import UnsupportedModelError, _to_device, clipped_windows, probe_tolerance, switch_attention
 from .reward_collator import SCORE_INDEX_KEY, PrefixSharedRewardCollator
 
 _MARK = "_prefix_share_scores"
@@ -94,16 +94,14 @@ def install_packed_scores(model: torch.nn.Module, kernel: str) -> None:
 
 def enable_packed_scores(model: torch.nn.Module, kernel: str) -> None:
     """Switch a sequence-classification model (not a PEFT wrapper: its base model) to the packed forward."""
-    check_architecture(model)
     score_head(model)
-    register_attention()
-    if model.config._attn_implementation != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
+    switch_attention(model)
     install_packed_scores(model, kernel)
 
 
 def _probe_examples(vocab_size: int, pad_token_id: int | None) -> list[dict[str, list[int]]]:
-    """Two pairs with a common prefix and uneven lengths, from low token ids other than the pad id."""
+    """Three pairs with common prefixes and uneven lengths (past the probe's clipped windows), from low token ids
+    other than the pad id."""
     high = max(4, min(vocab_size, 200))
     generator = torch.Generator().manual_seed(0)
 
@@ -111,19 +109,20 @@ def _probe_examples(vocab_size: int, pad_token_id: int | None) -> list[dict[str,
         ids = torch.randint(1, high, (n,), generator=generator)
         return torch.where(ids == pad_token_id, ids % (high - 1) + 1, ids).tolist()
 
-    first, second = tokens(6), tokens(3)
+    first, second, third = tokens(11), tokens(3), tokens(6)
     return [
-        {"chosen_ids": first + tokens(3), "rejected_ids": first + tokens(5)},
-        {"chosen_ids": second + tokens(6), "rejected_ids": second + tokens(2)},
+        {"chosen_ids": first + tokens(7), "rejected_ids": first + tokens(4)},
+        {"chosen_ids": second + tokens(10), "rejected_ids": second + tokens(2)},
+        {"chosen_ids": third + tokens(5), "rejected_ids": third + tokens(9)},
     ]
 
 
 @torch.no_grad()
 def verify_packed_scores(model: torch.nn.Module, kernel: str, device: torch.device) -> None:
-    """Score a probe batch packed and unpacked; raise if the two disagree beyond the dtype's rounding.
+    """Score a probe batch packed and unpacked; raise if they disagree beyond the model's own float noise.
 
     Catches architectures whose attention or positions do not follow the layout, or whose head reads the score
-    somewhere else than the last non-pad token.
+    somewhere else than the last non-pad token. Sliding windows are clipped below the probe's lengths.
     """
     pad_token_id = model.config.get_text_config().pad_token_id
     pad = 0 if pad_token_id is None else pad_token_id
@@ -137,22 +136,29 @@ def verify_packed_scores(model: torch.nn.Module, kernel: str, device: torch.devi
     was_training = model.training
     model.eval()
     try:
-        stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        ours = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            use_cache=False,
-            **{PACKED_KEY: batch[PACKED_KEY]},
-        ).logits
+        with clipped_windows(model):
+            stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            alone = torch.cat(
+                [
+                    model(input_ids=batch["input_ids"][row : row + 1, :length], use_cache=False).logits
+                    for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist())
+                ]
+            )
+            ours = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
+                **{PACKED_KEY: batch[PACKED_KEY]},
+            ).logits
     finally:
         model.train(was_training)
-    dtype = next(model.parameters()).dtype
-    tolerance = 1e-3 if dtype == torch.float32 else 0.1
-    scale = max(float(stock.float().abs().max()), 1.0)
-    difference = float((ours.float() - stock.float()).abs().max()) / scale
+    stock = stock.logits.float()
+    everywhere = torch.ones_like(stock, dtype=torch.bool)
+    tolerance = probe_tolerance(stock, alone.float(), everywhere, next(model.parameters()).dtype)
+    difference = float((ours.float() - stock).abs().max())
     if not difference <= tolerance:
         raise UnsupportedModelError(
             f"{type(model).__name__}: the packed reward forward differs from the unpacked one by {difference:.3g} "
-            f"(relative, allowed {tolerance}), so prefix sharing would train on wrong numbers. Use the stock "
-            "`RewardTrainer` for this model, or report the architecture."
+            f"on the construction probe (allowed {tolerance:.3g}, a multiple of the model's own float noise), so "
+            "prefix sharing would train on wrong numbers"
         )

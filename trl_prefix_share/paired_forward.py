@@ -25,7 +25,7 @@ from .collator import PACKED_KEY, PackingOptions, pair_documents, sequences_from
 from .layout import IGNORE_INDEX, SequenceSpec, make_document, pack_documents
 from .model_support import enable_prefix_sharing, verify_packed_forward
 from .options import PrefixShareArguments, packing_options
-from .trainer_setup import model_to_patch, probe_models, start_prefix_share
+from .trainer_setup import install_or_fall_back, model_to_patch, start_prefix_share
 
 logger = logging.getLogger(__name__)
 
@@ -207,18 +207,19 @@ def validate_paired_dataset(
                     too_long.append((index, length))
             index += 1
     problems = []
+    or_drop = "" if options.drop_invalid_examples else ", or set `drop_invalid_examples=True`"
     if empty:
         problems.append(
             f"example(s) {_describe(empty)} of the {dataset_name} dataset have an empty chosen or rejected response "
             "after truncation (the prompt alone fills `max_length`; stock TRL would return a NaN loss). Raise "
-            "`max_length`, filter out long prompts, or set `drop_invalid_examples=True`"
+            f"`max_length` or filter out long prompts{or_drop}"
         )
     if too_long:
         longest = max(length for _, length in too_long)
         problems.append(
             f"example(s) {_describe([i for i, _ in too_long])} of the {dataset_name} dataset need up to {longest} "
             f"tokens as one packed document, more than `max_row_tokens={options.max_row_tokens}`. Raise "
-            f"`max_row_tokens` to at least {longest}, lower `max_length`, or set `drop_invalid_examples=True`"
+            f"`max_row_tokens` to at least {longest} or lower `max_length`{or_drop}"
         )
     if not problems:
         return dataset
@@ -310,9 +311,13 @@ class PrefixSharedPairedMixin:
             raise ValueError("Prefix sharing needs a decoder-only model; use the stock trainer for encoder-decoders.")
         self._prefix_share_packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
         causal_lm = model_to_patch(self.model)
-        add_fused_lm_head(causal_lm, outputs=FUSED_OUTPUTS)
-        enable_prefix_sharing(causal_lm, kernel)
-        probe_models(self, [causal_lm], verify_packed_forward, kernel)
+
+        def enable(model: torch.nn.Module, kernel: str) -> None:
+            add_fused_lm_head(model, outputs=FUSED_OUTPUTS)
+            enable_prefix_sharing(model, kernel)
+
+        if not install_or_fall_back(self, [causal_lm], enable, verify_packed_forward, kernel):
+            return  # exact fallback: TRL's own collator and concatenated_forward
         self.data_collator = PairedPackingCollator(
             self.data_collator,
             concatenate=functools.partial(
@@ -335,6 +340,8 @@ class PrefixSharedPairedMixin:
         logits over the vocabulary (the fused head's ``mean_logits``): their ``.mean()`` is the mean logit over the
         real completion tokens. Those two metrics therefore differ from stock's; every other value is equal.
         """
+        if self.prefix_share_fallback is not None:
+            return self._stock_concatenated_forward(model, batch)
         device = self.accelerator.device
         concatenated = self.concatenated_inputs(
             batch, is_encoder_decoder=False, padding_value=self._concatenation_padding_value(), device=device
@@ -368,6 +375,13 @@ class PrefixSharedPairedMixin:
         if self.aux_loss_enabled:
             return (*result, outputs.aux_loss)
         return result
+
+    def _stock_concatenated_forward(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """The exact fallback: TRL's own forward; both token counts are those of its stacked padded batch."""
+        rows = 2 * batch["chosen_input_ids"].size(0)
+        width = max(batch["chosen_input_ids"].size(1), batch["rejected_input_ids"].size(1))
+        self._prefix_share_step_tokens = (rows * width, rows * width)
+        return super().concatenated_forward(model, batch)
 
     def get_batch_loss_metrics(self, model: torch.nn.Module, batch: dict[str, Any], train_eval: str = "train"):
         """The trainer's loss and metrics, plus the token counts of this step (`prefix_share/*`)."""

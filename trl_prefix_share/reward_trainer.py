@@ -19,14 +19,13 @@ from transformers import DataCollator, EvalPrediction, PreTrainedModel, PreTrain
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import get_dataset_column_names
 
-from .collator import PACKED_KEY
 from .options import packing_options
 from .packed_scores import enable_packed_scores, verify_packed_scores
 from .ranked import RANKED_COLUMNS, DataCollatorForRankedPreference, is_ranked_dataset, prepare_ranked_dataset
 from .reward_collator import PrefixSharedRewardCollator
 from .reward_validation import validate_reward_dataset
-from .token_metrics import log_token_counts
-from .trainer_setup import model_to_patch, probe_models, start_prefix_share
+from .token_metrics import log_batch_token_counts
+from .trainer_setup import install_or_fall_back, model_to_patch, start_prefix_share
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -84,8 +83,8 @@ class PrefixSharedRewardTrainer(RewardTrainer):
         """Switch the model to the packed forward, probe it, and wrap the collator."""
         packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
         model = model_to_patch(self.model)
-        enable_packed_scores(model, kernel)
-        probe_models(self, [model], verify_packed_scores, kernel)
+        if not install_or_fall_back(self, [model], enable_packed_scores, verify_packed_scores, kernel):
+            return  # exact fallback: TRL's own collator and forward
         # The head reads scores by the model's pad id (RewardTrainer sets it to the tokenizer's).
         pad_token_id = model.config.get_text_config().pad_token_id
         self.data_collator = PrefixSharedRewardCollator(
@@ -117,9 +116,5 @@ class PrefixSharedRewardTrainer(RewardTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *RANKED_COLUMNS]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if PACKED_KEY in inputs:
-            self._log_token_counts(inputs)
+        log_batch_token_counts(self, inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def _log_token_counts(self, inputs: dict[str, Any]) -> None:
-        log_token_counts(self, inputs[PACKED_KEY]["input_ids"].numel(), inputs["input_ids"].numel())

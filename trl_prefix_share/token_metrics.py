@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .collator import PACKED_KEY
+
 
 def log_token_counts(trainer: Any, packed_tokens: int, stock_tokens: int) -> None:
     """Append `prefix_share/tokens`, `prefix_share/stock_tokens` and `prefix_share/token_ratio` to the trainer's
@@ -27,3 +29,13 @@ def log_token_counts(trainer: Any, packed_tokens: int, stock_tokens: int) -> Non
     metrics["prefix_share/tokens"].append(packed_tokens)
     metrics["prefix_share/stock_tokens"].append(stock_tokens)
     metrics["prefix_share/token_ratio"].append(stock_tokens / max(packed_tokens, 1))
+
+
+def log_batch_token_counts(trainer: Any, inputs: dict[str, Any]) -> None:
+    """`log_token_counts` for a stock padded batch (``input_ids``) that may carry a packed layout; in the exact
+    fallback (no layout) both counts are the padded batch's, so the ratio is 1.0."""
+    stock = inputs["input_ids"].numel()
+    if PACKED_KEY in inputs:
+        log_token_counts(trainer, inputs[PACKED_KEY]["input_ids"].numel(), stock)
+    elif getattr(trainer, "prefix_share_fallback", None) is not None:
+        log_token_counts(trainer, stock, stock)

@@ -79,18 +79,20 @@ def validate_preference_dataset(
             dataset_name,
         )
     problems = []
+    # The fixes name `drop_invalid_examples=True` only where it is not set already (then the examples are dropped).
+    or_drop = "" if drop_invalid else ", or set `drop_invalid_examples=True`"
     if empty:
         problems.append(
             f"example(s) {_describe(empty)} of the {dataset_name} dataset have an empty chosen or rejected response "
             "after tokenization, so that side has no token to score. Remove them (e.g. `dataset.filter(lambda x: "
-            "x['chosen'] and x['rejected'])`) or set `drop_invalid_examples=True`"
+            f"x['chosen'] and x['rejected'])`){or_drop}"
         )
     if too_long:
         longest = max(length for _, length in too_long)
         problems.append(
             f"example(s) {_describe([i for i, _ in too_long])} of the {dataset_name} dataset need up to {longest} "
             f"tokens as one packed document, more than `max_row_tokens={max_row_tokens}`. Raise `max_row_tokens` to "
-            f"at least {longest}, lower `max_length`, or set `drop_invalid_examples=True`"
+            f"at least {longest} or lower `max_length`{or_drop}"
         )
     if not problems:
         return dataset
@@ -99,3 +101,13 @@ def validate_preference_dataset(
     bad = set(empty) | {i for i, _ in too_long}
     logger.warning("Dropping %d example(s) of the %s dataset: %s.", len(bad), dataset_name, "; ".join(problems))
     return dataset.select([i for i in range(len(dataset)) if i not in bad])
+
+
+def check_not_emptied(before: int | None, dataset: Dataset, dataset_name: str, max_length: int | None) -> None:
+    """Name the cause when TRL's preparation dropped every example (else the sampler fails with `num_samples=0`)."""
+    if before and isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(
+            f"All {before} examples of the {dataset_name} dataset were dropped while preparing it: with "
+            f"`max_length={max_length}` and `truncation_mode='keep_start'`, every prompt alone fills `max_length`, so "
+            "no response token is left to train on. Raise `max_length` or shorten the prompts."
+        )

@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..model_structure import layer_window
 from .flex_packed import packed_flex_attention
 from .packed_layout import PackedAttentionLayout, layout_for_batch
 from .sdpa_packed import packed_sdpa_attention
@@ -61,6 +62,13 @@ def prefix_share_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if attention_mask is not None:
+        # Our mask function builds no mask during a packed forward, so a mask here was made or changed by the layer
+        # itself (e.g. Doge's learned dynamic mask, an additive bias): the packed kernels would silently drop it.
+        raise NotImplementedError(
+            f"{type(module).__name__} passes its own attention mask or bias to the attention function, which the "
+            "packed layout would replace."
+        )
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(
@@ -68,6 +76,9 @@ def prefix_share_attention_forward(
                 "implement; train this model with the stock TRL trainer."
             )
     layout.layer_calls += 1
+    # Some models (Qwen2-MoE, PhiMoE) apply their window only through the mask, which a packed forward does not
+    # build: the window comes from the layer (stamped at installation from the config), never from the keyword alone.
+    sliding_window = layer_window(module, sliding_window)
     if layout.kernel == "sdpa":
         out = packed_sdpa_attention(query, key, value, layout, scaling, dropout, sliding_window)
     else:

@@ -1,0 +1,201 @@
+"""Every causal-LM family of the installed transformers: served exactly, or the exact fallback; never a silent
+difference.
+
+For each model type in transformers' causal-LM registry that builds from a small config, the trainers' own
+decision (`install_or_fall_back`: the structural check, then the construction probe) runs on a tiny model. If it
+switches the model to the packed forward, the packed log-probabilities and gradients of an independent batch (real
+tokens, several documents in a row, a prompt with four responses, sequences longer than a clipped sliding window)
+must match each sequence scored alone by the model's own forward within 1e-4. If it falls back, it must say why.
+The verdicts are written to `docs/model_support.md` by `docs/make_model_table.py`.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+from conftest import read_jsonl
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import add_fused_lm_head
+
+from trl_prefix_share.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.grouping import GroupByPrompt
+from trl_prefix_share.model_support import enable_prefix_sharing, verify_packed_forward
+from trl_prefix_share.options import PrefixShareArguments
+from trl_prefix_share.trainer_setup import PrefixShareFallbackWarning, install_or_fall_back
+
+VOCAB = 256
+#: Small sizes every config is offered (fields a config does not have are ignored or stored unused).
+SMALL = dict(
+    vocab_size=VOCAB,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
+#: Sliding windows are set this small, below the test sequences' lengths, wherever a config has one.
+WINDOW = 12
+#: Largest model the test builds (parameters): larger means the config ignores the small sizes above.
+MAX_PARAMETERS = 3_000_000
+#: float64 (see `equivalence.EQUIVALENCE_DTYPE`): the remaining noise is that of TRL's float32 log-softmax, ~1e-6.
+DTYPE = torch.float64
+TOLERANCE = 1e-5
+#: Gradients smaller than this share of the largest one are compared against that floor instead of their own size:
+#: some are zero in theory (a key bias does not change a softmax) and hold only rounding noise.
+GRADIENT_FLOOR = 1e-6
+MODEL_TYPES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def tiny_config(model_type: str):
+    """A small config of `model_type`, or a reason why none builds."""
+    config = AutoConfig.for_model(model_type, **SMALL)
+    text_config = config.get_text_config()
+    if isinstance(getattr(text_config, "sliding_window", None), int) and text_config.sliding_window > WINDOW:
+        text_config.sliding_window = WINDOW
+    with torch.device("meta"):
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"{size} parameters with the small sizes (the config ignores them)")
+    return config
+
+
+def build(model_type: str) -> torch.nn.Module:
+    try:
+        config = tiny_config(model_type)
+        torch.manual_seed(0)
+        # Eager experts: the grouped-matmul MoE kernels take no float64.
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPE, experts_implementation="eager")
+    except Exception as error:  # noqa: BLE001 - any failure means "does not build from a small config"
+        pytest.skip(f"{model_type} does not build from a small config: {type(error).__name__}: {error}"[:300])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[dict[str, list[int]]]:
+    """Real token sequences (shared UltraFeedback text through a byte-level map into the tiny vocabulary), with
+    lengths past WINDOW; the first prompt has two pairs, so its document has four branches."""
+    rows = read_jsonl("ultrafeedback", 3)
+
+    def ids(text: str, length: int) -> list[int]:
+        return [3 + byte % (VOCAB - 3) for byte in text.encode("utf-8")][:length]
+
+    first, second, third = rows
+    return [
+        {
+            "prompt_ids": ids(first["prompt"], 30),
+            "chosen_ids": ids(first["chosen"], 14),
+            "rejected_ids": ids(first["rejected"], 9),
+        },
+        {
+            "prompt_ids": ids(second["prompt"], 5),
+            "chosen_ids": ids(second["chosen"], 20),
+            "rejected_ids": ids(second["rejected"], 16),
+        },
+        {
+            "prompt_ids": ids(first["prompt"], 30),
+            "chosen_ids": ids(third["chosen"], 11),
+            "rejected_ids": ids(third["rejected"], 18),
+        },
+    ]
+
+
+def fake_trainer() -> types.SimpleNamespace:
+    """What `install_or_fall_back` reads of a trainer, with the default options (probe on, fallback on)."""
+    return types.SimpleNamespace(
+        prefix_share_args=PrefixShareArguments(),
+        prefix_share_fallback=None,
+        is_deepspeed_enabled=False,
+        is_fsdp_enabled=False,
+        accelerator=types.SimpleNamespace(device=torch.device("cpu")),
+    )
+
+
+def log_probs_alone(model, batch, labels) -> torch.Tensor:
+    """Each stock row scored alone, unpadded: the reference no layout can influence."""
+    rows = []
+    for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+        out = model(
+            input_ids=batch["input_ids"][row : row + 1, :length],
+            labels=labels[row : row + 1, :length],
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        rows.append(torch.nn.functional.pad(out.log_probs[0], (0, labels.size(1) - length)))
+    return torch.stack(rows)
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.double().norm().item()
+    return (actual.double() - expected.double()).norm().item() / max(scale, 1e-30)
+
+
+def grads_of(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_family_is_exact_or_falls_back(model_type, examples):
+    model = build(model_type)
+    try:
+        add_fused_lm_head(model)
+        batch = PrefixSharedPreferenceCollator(
+            DataCollatorForPreference(pad_token_id=0), 0, PackingOptions(), group_documents=GroupByPrompt()
+        )(examples)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        expected = log_probs_alone(model, batch, labels)
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"{model_type}: the stock fused-head forward does not run on this tiny config: {error}"[:300])
+    trainer = fake_trainer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = install_or_fall_back(trainer, [model], enable_prefix_sharing, verify_packed_forward, "sdpa")
+    if not served:
+        fallback = [w for w in caught if issubclass(w.category, PrefixShareFallbackWarning)]
+        assert trainer.prefix_share_fallback and len(fallback) == 1, model_type
+        assert model.config._attn_implementation != "prefix_share"  # restored: stock numerics
+        return
+    mask = labels[:, 1:] != -100
+    packed = model(
+        input_ids=batch["input_ids"],
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+        **{PACKED_KEY: batch[PACKED_KEY]},
+    ).log_probs
+    difference = relative(packed[mask], expected[mask])
+    assert difference <= TOLERANCE, f"{model_type}: packed log-probs differ by {difference:.2e} relative"
+    stock_grads = grads_of(model, log_probs_alone(model, batch, labels)[mask].sum())
+    our_grads = grads_of(
+        model,
+        model(
+            input_ids=batch["input_ids"],
+            labels=labels,
+            fused_lm_head=True,
+            use_cache=False,
+            **{PACKED_KEY: batch[PACKED_KEY]},
+        )
+        .log_probs[mask]
+        .sum(),
+    )
+    assert stock_grads.keys() == our_grads.keys() and stock_grads, f"{model_type}: different parameters get gradients"
+    floor = GRADIENT_FLOOR * max(grad.double().norm().item() for grad in stock_grads.values())
+    for name, grad in stock_grads.items():
+        difference = (our_grads[name].double() - grad.double()).norm().item() / max(grad.double().norm().item(), floor)
+        assert difference <= TOLERANCE, f"{model_type}: gradient of {name} differs by {difference:.2e} relative"

@@ -1,0 +1,195 @@
+"""What a model's layers are, read from its config and modules: which token mixers the packed path serves exactly.
+
+This is the structural check behind the exact fallback. It never runs the model, so it holds under every launcher
+(DeepSpeed ZeRO-3 and FSDP included, where the probe is skipped) and with ``verify_model=False``. A packed row is
+exact only if every layer that mixes positions is attention that reads the packed layout: a convolution, an SSM /
+Mamba mixer or a linear / gated-delta attention carries a state along the row (it would leak across documents and
+from one branch into the next), and attention sinks, logit soft-capping, chunked or bidirectional attention follow
+rules the packed kernels do not implement. Sliding windows are served, but only when each layer's window is known:
+the window of a layer is read from the config the way transformers builds its masks (``layer_types``, or one
+``sliding_window`` for every layer), checked against the layer's own ``sliding_window`` attribute, and stamped on the
+attention module so the kernel never depends on a keyword the model may not pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from transformers.pytorch_utils import Conv1D as TransformersConv1D
+
+#: `layer_types` entries the packed path serves: attention (full or sliding) and layers that mix no positions.
+SERVED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "mlp", "moe", "dense"})
+
+#: Words (of a module class name split at its CamelCase humps, joined by "_") that name a token mixer carrying a
+#: state along the sequence: Mamba / SSM mixers, convolutions, linear and gated-delta attention, recurrences.
+STATEFUL_MIXER_PATTERN = re.compile(
+    r"(^|_)(mamba\d*|ssm|conv\d*|short_conv|gated_delta|delta_net|delta_attention|linear_attention|"
+    r"lightning_attention|recurrent|rwkv\d*|retention|hyena|x_?lstm|m_lstm|s_lstm|griffin|rg_lru)(_|$)"
+)
+_CAMEL_WORD = re.compile(r"[A-Z]+(?![a-z])\d*|[A-Z]?[a-z]+\d*|\d+")
+
+
+def class_words(name: str) -> str:
+    """``"NemotronHMamba2Mixer"`` -> ``"nemotron_h_mamba2_mixer"``: a class name as words a pattern can anchor on."""
+    return "_".join(word.lower() for word in _CAMEL_WORD.findall(name))
+
+
+#: Config attributes that switch on attention rules the packed kernels do not implement (value: reason).
+UNSERVED_CONFIG_FLAGS = {
+    "attn_logit_softcapping": "soft-caps its attention logits (`attn_logit_softcapping`)",
+    "attention_chunk_size": "uses chunked attention (`attention_chunk_size`)",
+    "use_bidirectional_attention": "attends bidirectionally (`use_bidirectional_attention`)",
+    "alibi": "adds ALiBi position biases inside attention (`alibi`)",
+}
+
+#: Where the fallback warning and the error point users who want their architecture served.
+SUPPORT_HINT = (
+    "To ask for support, open an issue at the trl-prefix-share repository naming the model type; "
+    "`on_unsupported_model='error'` raises instead of falling back."
+)
+
+_UNSET = object()
+
+
+@dataclass
+class ModelStructure:
+    """The structural verdict on one model: the reasons it cannot be packed exactly (empty: served)."""
+
+    model_name: str
+    reasons: list[str] = field(default_factory=list)
+    windows: dict[int, int | None] = field(default_factory=dict)
+
+    @property
+    def served(self) -> bool:
+        return not self.reasons
+
+    def describe(self) -> str:
+        return f"{self.model_name} " + "; ".join(self.reasons)
+
+
+def _positive(value) -> int | None:
+    """A window size, or None for 'no window' (transformers writes 0 or None for that)."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def layer_windows(text_config, num_layers: int) -> tuple[dict[int, int | None], list[str]]:
+    """Each layer's sliding window as transformers' masks apply it, and the reasons it cannot be determined."""
+    window = _positive(getattr(text_config, "sliding_window", None))
+    layer_types = getattr(text_config, "layer_types", None)
+    problems: list[str] = []
+    if layer_types:
+        windows: dict[int, int | None] = {}
+        for index, kind in enumerate(layer_types):
+            if kind == "sliding_attention":
+                if window is None:
+                    problems.append(f"has sliding-attention layers but no `sliding_window` size (layer {index})")
+                windows[index] = window
+            else:
+                windows[index] = None
+        return windows, problems
+    if getattr(text_config, "use_sliding_window", True) is False:
+        window = None
+    # No per-layer types: transformers builds one sliding-window mask for every layer from `sliding_window`.
+    return {index: window for index in range(num_layers)}, problems
+
+
+def _unserved_layer_types(text_config) -> list[str]:
+    layer_types = getattr(text_config, "layer_types", None) or []
+    return sorted({kind for kind in layer_types if kind not in SERVED_LAYER_TYPES})
+
+
+def text_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder that runs the tokens (a vision or audio tower's convolutions mix no text positions)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
+
+
+def stateful_mixers(module: torch.nn.Module) -> list[str]:
+    """Class names of the modules under ``module`` that mix positions through a state: torch convolutions and
+    classes whose name says Mamba, SSM, convolution, linear / gated-delta attention or a recurrence. (transformers'
+    ``Conv1D`` is GPT-2's linear layer, not a convolution.)"""
+    found = set()
+    for child in module.modules():
+        if isinstance(child, TransformersConv1D):
+            continue
+        name = type(child).__name__
+        if isinstance(child, torch.nn.Conv1d | torch.nn.Conv2d) or STATEFUL_MIXER_PATTERN.search(class_words(name)):
+            found.add(name)
+    return sorted(found)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Modules that call an attention function: named ``*Attention*`` and holding a ``layer_idx``."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if "attention" in type(module).__name__.lower() and isinstance(getattr(module, "layer_idx", None), int)
+    ]
+
+
+def inspect_model(model: torch.nn.Module) -> ModelStructure:
+    """Read the model's structure; no forward is run, no parameter is touched (sharded weights are fine)."""
+    config = model.config
+    text_config = config.get_text_config()
+    structure = ModelStructure(type(model).__name__)
+    reasons = structure.reasons
+    if getattr(config, "is_encoder_decoder", False) or getattr(text_config, "is_encoder_decoder", False):
+        reasons.append("is an encoder-decoder model (prefix sharing packs decoder-only sequences)")
+    if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
+        reasons.append("does not route its attention through transformers' `AttentionInterface`")
+    for flag, reason in UNSERVED_CONFIG_FLAGS.items():
+        value = getattr(text_config, flag, None)
+        if value not in (None, False, 0):
+            reasons.append(reason)
+    unserved_types = _unserved_layer_types(text_config)
+    if unserved_types:
+        reasons.append(f"has layers of type {', '.join(unserved_types)} (`layer_types`), not attention")
+    mixers = stateful_mixers(text_backbone(model))
+    if mixers:
+        shown = ", ".join(mixers[:4]) + (f" and {len(mixers) - 4} more" if len(mixers) > 4 else "")
+        reasons.append(
+            f"has token mixers that carry a state along the sequence ({shown}): convolution, SSM or linear attention"
+        )
+    if any(name.split(".")[-1] in ("sinks", "s_aux") for name, _ in model.named_parameters()):
+        reasons.append("adds attention sinks to its softmax (`sinks`)")
+    attention = _attention_modules(model)
+    if any(getattr(module, "is_causal", True) is False for _, module in attention):
+        reasons.append("has attention layers that are not causal (`is_causal=False`)")
+    num_layers = max((module.layer_idx for _, module in attention), default=-1) + 1
+    windows, problems = layer_windows(text_config, num_layers)
+    reasons.extend(problems)
+    for name, module in attention:
+        expected = windows.get(module.layer_idx)
+        own = getattr(module, "sliding_window", _UNSET)
+        if own is not _UNSET and not callable(own) and _positive(own) != expected:
+            reasons.append(
+                f"has a sliding window on layer {name} ({own}) that differs from its config's ({expected}), so the "
+                "window its masks use cannot be determined"
+            )
+    structure.windows = windows
+    return structure
+
+
+def stamp_layer_windows(model: torch.nn.Module, windows: dict[int, int | None]) -> None:
+    """Record each attention module's window on it (``prefix_share_window``), read by the packed kernels."""
+    for _, module in _attention_modules(model):
+        module.prefix_share_window = windows.get(module.layer_idx)
+
+
+def layer_window(module: torch.nn.Module, keyword: int | None) -> int | None:
+    """The window of the layer calling attention: the stamped one; a keyword that disagrees is refused."""
+    stamped = getattr(module, "prefix_share_window", _UNSET)
+    if stamped is _UNSET:  # a module we did not stamp (no layer index): the keyword or its own attribute
+        return _positive(keyword) or _positive(getattr(module, "sliding_window", None))
+    if keyword is not None and _positive(keyword) != stamped:
+        raise NotImplementedError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes sliding_window={keyword} "
+            f"to its attention, but its config gives {stamped}: its window cannot be determined."
+        )
+    return stamped
