@@ -236,7 +236,9 @@ def test_probe_separates_a_hybrid_from_float_noise_at_initialisation(tokenizer):
 def test_probe_failure_falls_back_and_restores_the_model(saved_model, tokenizer, hh_rows):
     """Doge looks like attention but builds a learned mask inside its layer: the probe catches it, the trainer
     restores the model's own attention and trains exactly like stock."""
-    stock, ours, fallback = dpo_pair(saved_model("doge", num_hidden_layers=2, router_aux_loss_coef=0.0), tokenizer, hh_rows)
+    stock, ours, fallback = dpo_pair(
+        saved_model("doge", num_hidden_layers=2, router_aux_loss_coef=0.0), tokenizer, hh_rows
+    )
     assert_fell_back(ours, fallback, "own attention mask")
     assert_equivalent(stock, ours, first_batch(stock, BATCH), first_batch(ours, BATCH))
 
