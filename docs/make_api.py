@@ -42,7 +42,12 @@ SECTIONS: dict[str, list[str]] = {
     ],
     "Stepwise DPO (sDPO)": ["StepwiseDPO", "StepwiseDPOConfig"],
     "Data: collator, grouping, sampler": ["PrefixSharedPreferenceCollator", "GroupByPrompt", "PromptGroupedSampler"],
-    "Models and attention": ["UnsupportedModelError", "register_attention", "ATTENTION_NAME"],
+    "Models and attention": [
+        "UnsupportedModelError",
+        "PrefixShareFallbackWarning",
+        "register_attention",
+        "ATTENTION_NAME",
+    ],
 }
 
 #: Constants carry no docstring: their one-line description lives here.

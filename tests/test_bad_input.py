@@ -91,8 +91,12 @@ def test_left_padded_batches_are_refused():
         collator(examples)
 
 
-def test_unsupported_architecture_fails_at_construction(tokenizer, tmp_path):
+def test_soft_capped_model_falls_back_or_raises_at_construction(tokenizer, tmp_path):
+    """Soft-capping is refused by the structural check: the default trains like stock with one warning; the error
+    mode raises before any training."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trl_prefix_share.trainer_setup import PrefixShareFallbackWarning
 
     config = AutoConfig.for_model(
         "gemma2",
@@ -106,10 +110,18 @@ def test_unsupported_architecture_fails_at_construction(tokenizer, tmp_path):
         attn_logit_softcapping=50.0,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.warns(PrefixShareFallbackWarning, match="attn_logit_softcapping"):
+        trainer = PrefixSharedDPOTrainer(
+            model=str(tmp_path),
+            args=dpo_args(),
+            train_dataset=load_dataset_rows("pandalm", 4),
+            processing_class=tokenizer,
+        )
+    assert "soft-caps" in trainer.prefix_share_fallback
     with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
         PrefixSharedDPOTrainer(
             model=str(tmp_path),
-            args=dpo_args(),
+            args=dpo_args(PrefixSharedDPOConfig, on_unsupported_model="error"),
             train_dataset=load_dataset_rows("pandalm", 4),
             processing_class=tokenizer,
         )

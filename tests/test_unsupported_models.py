@@ -265,6 +265,45 @@ def test_orpo_and_cpo_fall_back_exactly(kind, saved_model, tokenizer):
     assert our_metrics["prefix_share/tokens"] == our_metrics["prefix_share/stock_tokens"] > 0
 
 
+def test_encoder_decoder_orpo_falls_back_exactly(tokenizer, tmp_path):
+    from test_orpo_cpo import STOCK, loss_grads_metrics, make_args, short_rows
+    from test_orpo_cpo import first_batch as paired_batch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from trl_prefix_share.orpo_trainer import PrefixSharedORPOConfig, PrefixSharedORPOTrainer
+
+    config = AutoConfig.for_model(
+        "t5",
+        dropout_rate=0.0,
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=1,
+        num_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(config, dtype=EQUIVALENCE_DTYPE).save_pretrained(tmp_path)
+    rows = short_rows("hh_harmless", 4)
+
+    def make(trainer_cls, config_cls):
+        model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)  # by object: TRL loads paths as causal LMs
+        args = make_args(config_cls, model_init_kwargs=None)
+        trainer = trainer_cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        perturb(trainer.model)
+        return trainer
+
+    stock = make(*STOCK["orpo"])
+    with pytest.warns(PrefixShareFallbackWarning, match="encoder-decoder"):
+        ours = make(PrefixSharedORPOTrainer, PrefixSharedORPOConfig)
+    stock_loss, stock_grads, _ = loss_grads_metrics(stock, paired_batch(stock))
+    our_loss, our_grads, our_metrics = loss_grads_metrics(ours, paired_batch(ours))
+    assert torch.equal(our_loss, stock_loss) and stock_grads.keys() == our_grads.keys()
+    assert our_metrics["prefix_share/token_ratio"] == 1.0
+
+
 def test_reward_falls_back_exactly(saved_model, tokenizer, hh_rows):
     from test_reward import reward_args
 

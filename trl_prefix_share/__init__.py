@@ -13,6 +13,7 @@ from .options import PrefixShareArguments
 from .reward_config import PrefixSharedRewardConfig
 from .reward_trainer import PrefixSharedRewardTrainer
 from .sdpo import StepwiseDPO, StepwiseDPOConfig
+from .trainer_setup import PrefixShareFallbackWarning
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "PrefixSharedDPOConfig",
     "PrefixSharedDPOTrainer",
     "PrefixSharedPreferenceCollator",
+    "PrefixShareFallbackWarning",
     "UnsupportedModelError",
     "register_attention",
 ]

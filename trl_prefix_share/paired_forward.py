@@ -25,7 +25,7 @@ from .collator import PACKED_KEY, PackingOptions, pair_documents, sequences_from
 from .layout import IGNORE_INDEX, SequenceSpec, make_document, pack_documents
 from .model_support import enable_prefix_sharing, verify_packed_forward
 from .options import PrefixShareArguments, packing_options
-from .trainer_setup import install_or_fall_back, model_to_patch, start_prefix_share
+from .trainer_setup import fall_back, install_or_fall_back, model_to_patch, start_prefix_share
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +292,8 @@ class PrefixSharedPairedMixin:
             compute_metrics=compute_metrics,
         )
         self._install_prefix_sharing()
+        if self.prefix_share_fallback is not None:
+            return  # the exact fallback trains on the datasets exactly as stock does
         self.train_dataset = validate_paired_dataset(
             self.train_dataset, "train", self.prefix_share_args, self.score_chosen_prompt
         )
@@ -308,7 +310,12 @@ class PrefixSharedPairedMixin:
     def _install_prefix_sharing(self) -> None:
         """Add TRL's fused LM head and the packed forward to the causal LM, and wrap the collator."""
         if self.is_encoder_decoder:
-            raise ValueError("Prefix sharing needs a decoder-only model; use the stock trainer for encoder-decoders.")
+            fall_back(
+                self,
+                f"{type(self.model).__name__} is an encoder-decoder model (prefix sharing packs decoder-only "
+                "sequences)",
+            )
+            return
         self._prefix_share_packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
         causal_lm = model_to_patch(self.model)
 
@@ -377,10 +384,14 @@ class PrefixSharedPairedMixin:
         return result
 
     def _stock_concatenated_forward(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        """The exact fallback: TRL's own forward; both token counts are those of its stacked padded batch."""
-        rows = 2 * batch["chosen_input_ids"].size(0)
-        width = max(batch["chosen_input_ids"].size(1), batch["rejected_input_ids"].size(1))
-        self._prefix_share_step_tokens = (rows * width, rows * width)
+        """The exact fallback: TRL's own forward; both token counts are those of its stacked padded batch (for an
+        encoder-decoder: the stacked labels plus the prompt encoded for both halves)."""
+        side = "input_ids" if "chosen_input_ids" in batch else "labels"
+        rows = 2 * batch[f"chosen_{side}"].size(0)
+        tokens = rows * max(batch[f"chosen_{side}"].size(1), batch[f"rejected_{side}"].size(1))
+        if side == "labels":
+            tokens += 2 * batch["prompt_input_ids"].numel()
+        self._prefix_share_step_tokens = (tokens, tokens)
         return super().concatenated_forward(model, batch)
 
     def get_batch_loss_metrics(self, model: torch.nn.Module, batch: dict[str, Any], train_eval: str = "train"):
