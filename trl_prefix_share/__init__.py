@@ -1,6 +1,11 @@
 """trl-prefix-share: paired preference training with each prompt run once (drop-in TRL trainers)."""
+# ruff: noqa: E402 - the version check runs before the submodules import TRL internals
 
 import importlib
+
+from .trl_compat import check_hooks
+
+check_hooks()  # before anything imports a TRL internal: one clear error on an unsupported TRL / transformers
 
 from .attention import ATTENTION_NAME, register_attention
 from .collator import PrefixSharedPreferenceCollator

@@ -164,6 +164,8 @@ def inspect_model(model: torch.nn.Module) -> ModelStructure:
     num_layers = max((module.layer_idx for _, module in attention), default=-1) + 1
     windows, problems = layer_windows(text_config, num_layers)
     reasons.extend(problems)
+    if not attention and any(window is not None for window in windows.values()):
+        reasons.append("has sliding windows but no attention layer with a `layer_idx` to carry them")
     for name, module in attention:
         expected = windows.get(module.layer_idx)
         own = getattr(module, "sliding_window", _UNSET)

@@ -26,7 +26,9 @@ from .layout import IGNORE_INDEX, SequenceSpec, make_document, pack_documents
 from .model_support import enable_prefix_sharing, verify_packed_forward
 from .options import PrefixShareArguments, packing_options
 from .trainer_setup import fall_back, install_or_fall_back, model_to_patch, start_prefix_share
+from .trl_compat import PAIRED_HOOKS, check_hooks
 
+check_hooks(PAIRED_HOOKS)
 logger = logging.getLogger(__name__)
 
 FUSED_OUTPUTS = ("log_probs", "mean_logits")
