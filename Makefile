@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m trl_prefix_share.demo
+	$(BIN)/python -m trl_prefix_share.commands.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check trl_prefix_share tests benchmarks docs/*.py

@@ -5,7 +5,7 @@ A special case ``trl-prefix-share bench --trainer dpo`` does not cover: all thre
 order of ``PromptGroupedSampler`` (stock and the per-pair trainer are given it too), so they see the same batches and
 the comparison isolates the layout. Data: PandaLM (842 comparisons over 153 prompts, up to 10 pairs per prompt), or
 any JSONL preference file with repeated prompts. Runs alternate in one process from the same randomly initialised
-model and config (CPU, fp32); timing, token counts and peak memory are ``trl_prefix_share.bench``'s.
+model and config (CPU, fp32); timing, token counts and peak memory are ``trl_prefix_share.commands.bench``'s.
 
 Example::
 
@@ -34,17 +34,17 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from trl_prefix_share import PrefixSharedDPOTrainer  # noqa: E402
-from trl_prefix_share.bench.command import (  # noqa: E402
+from trl_prefix_share.commands.bench.command import (  # noqa: E402
     add_small_run_flags,
     parse_small_run,
     write_small_run_json,
 )
-from trl_prefix_share.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
-from trl_prefix_share.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
-from trl_prefix_share.bench.models import ModelShape, build_model_dir  # noqa: E402
-from trl_prefix_share.bench.runner import BenchSettings, common_config  # noqa: E402
-from trl_prefix_share.grouped_dpo_trainer import GroupedPrefixSharedDPOTrainer  # noqa: E402
-from trl_prefix_share.grouping import prompt_grouped_sampler  # noqa: E402
+from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
+from trl_prefix_share.commands.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
+from trl_prefix_share.commands.bench.models import ModelShape, build_model_dir  # noqa: E402
+from trl_prefix_share.commands.bench.runner import BenchSettings, common_config  # noqa: E402
+from trl_prefix_share.trainers.dpo.grouped import GroupedPrefixSharedDPOTrainer  # noqa: E402
+from trl_prefix_share.trainers.dpo.grouping import prompt_grouped_sampler  # noqa: E402
 
 DEFAULT_DATASET = SHARED / "data" / "pandalm_human_testset.jsonl"
 

@@ -9,7 +9,7 @@ A special case ``trl-prefix-share bench --trainer reward`` does not cover (it fe
 - ``pairs``: TRL's pairwise data (HH harmless), both trainers on the same pairs, in order.
 
 Runs alternate (stock, ours, stock, ...) in one process from the same randomly initialised model and config (CPU,
-fp32); timing, token counts and peak memory are ``trl_prefix_share.bench``'s.
+fp32); timing, token counts and peak memory are ``trl_prefix_share.commands.bench``'s.
 
 Example::
 
@@ -36,17 +36,17 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
-from trl_prefix_share.bench.command import (  # noqa: E402
+from trl_prefix_share.commands.bench.command import (  # noqa: E402
     add_small_run_flags,
     parse_small_run,
     write_small_run_json,
 )
-from trl_prefix_share.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
-from trl_prefix_share.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
-from trl_prefix_share.bench.models import ModelShape, build_model_dir  # noqa: E402
-from trl_prefix_share.bench.runner import BenchSettings, common_config  # noqa: E402
-from trl_prefix_share.ranked import binarize_ranked, ranked_from_pairs  # noqa: E402
-from trl_prefix_share.reward_trainer import PrefixSharedRewardTrainer  # noqa: E402
+from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
+from trl_prefix_share.commands.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
+from trl_prefix_share.commands.bench.models import ModelShape, build_model_dir  # noqa: E402
+from trl_prefix_share.commands.bench.runner import BenchSettings, common_config  # noqa: E402
+from trl_prefix_share.trainers.reward.ranked import binarize_ranked, ranked_from_pairs  # noqa: E402
+from trl_prefix_share.trainers.reward.trainer import PrefixSharedRewardTrainer  # noqa: E402
 
 DEFAULT_DATA = {
     "pairs": SHARED / "data" / "hh_harmless_base_test.jsonl",

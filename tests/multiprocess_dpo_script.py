@@ -98,8 +98,8 @@ def union_of_ranks_trainer(max_batch_tokens: int, ranks: int):
     from transformers.trainer_pt_utils import BatchRebalanceSampler
     from trl import DPOTrainer
 
-    from trl_prefix_share.length_grouping import preference_lengths
-    from trl_prefix_share.token_budget import TokenBudgetBatchSampler, packed_tokens
+    from trl_prefix_share.trainers.dpo.length_grouping import preference_lengths
+    from trl_prefix_share.trainers.dpo.token_budget import TokenBudgetBatchSampler, packed_tokens
 
     class UnionOfRanks(BatchRebalanceSampler):  # the Trainer passes this class as the loader's batch_sampler
         def __init__(self, samplers: list) -> None:
@@ -132,7 +132,7 @@ def union_of_ranks_trainer(max_batch_tokens: int, ranks: int):
 
 def record_local_token_counts(trainer) -> list[list[int]]:
     """This process's own [packed, stock] token counts per step, to check that the logged ones are summed."""
-    from trl_prefix_share.collator import PACKED_KEY
+    from trl_prefix_share.core.collator import PACKED_KEY
 
     seen: list[list[int]] = []
     log_counts = trainer._log_token_counts

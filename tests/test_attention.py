@@ -19,12 +19,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-import trl_prefix_share.attention as attention
-import trl_prefix_share.attention.packed_layout as packed_layout
-import trl_prefix_share.attention.sdpa_packed as sdpa_packed
-from trl_prefix_share.attention import layout_for_batch
-from trl_prefix_share.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
-from trl_prefix_share.model_support import UnsupportedModelError, enable_prefix_sharing
+import trl_prefix_share.core.attention as attention
+import trl_prefix_share.core.attention.packed_layout as packed_layout
+import trl_prefix_share.core.attention.sdpa_packed as sdpa_packed
+from trl_prefix_share.core.attention import layout_for_batch
+from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.model_support import UnsupportedModelError, enable_prefix_sharing
 
 MAX_LENGTH = 128
 FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")

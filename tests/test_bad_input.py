@@ -13,8 +13,8 @@ from test_dpo_equivalence import BATCH, dpo_args, make_pair
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer, UnsupportedModelError
-from trl_prefix_share.collator import PackingOptions, PrefixSharedPreferenceCollator
-from trl_prefix_share.validation import validate_preference_dataset
+from trl_prefix_share.core.collator import PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.trainers.dpo.validation import validate_preference_dataset
 
 
 def tokenized(rows: list[tuple[list[int], list[int], list[int]]]) -> Dataset:
@@ -96,7 +96,7 @@ def test_soft_capped_model_falls_back_or_raises_at_construction(tokenizer, tmp_p
     mode raises before any training."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trl_prefix_share.trainer_setup import PrefixShareFallbackWarning
+    from trl_prefix_share.core.installer import PrefixShareFallbackWarning
 
     config = AutoConfig.for_model(
         "gemma2",
@@ -156,7 +156,7 @@ def test_prompt_learning_peft_is_refused(tokenizer, kind):
 def test_model_to_patch_unwraps_lora_and_refuses_a_wrapped_prompt_learning_model(tokenizer):
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
-    from trl_prefix_share.trainer_setup import model_to_patch
+    from trl_prefix_share.core.installer import model_to_patch
 
     base = build_tiny_model("llama", len(tokenizer))
     assert model_to_patch(base) is base

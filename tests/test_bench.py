@@ -11,12 +11,12 @@ import torch
 from conftest import TOKENIZER_DIR, load_dataset_rows
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from trl_prefix_share.bench import BenchSettings, run_benchmark
-from trl_prefix_share.bench.command import build_parser, shape_from
-from trl_prefix_share.bench.models import PRESETS, ModelShape, build_model_dir
-from trl_prefix_share.bench.report import format_table, sharing_alone, summarize
-from trl_prefix_share.bench.runner import BenchReport, RepeatedWarningFilter, RunResult
-from trl_prefix_share.cli import main
+from trl_prefix_share.commands.bench import BenchSettings, run_benchmark
+from trl_prefix_share.commands.bench.command import build_parser, shape_from
+from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
+from trl_prefix_share.commands.bench.report import format_table, sharing_alone, summarize
+from trl_prefix_share.commands.bench.runner import BenchReport, RepeatedWarningFilter, RunResult
+from trl_prefix_share.commands.cli import main
 
 TINY = ModelShape(family="qwen2", layers=2, hidden=32, heads=4, kv_heads=2)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TOKENIZER_DIR
 
-from trl_prefix_share.cli import cpu_overrides, main
+from trl_prefix_share.commands.cli import cpu_overrides, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_every_recipe_parses_with_its_command(recipe):
     """Each recipe's fields exist in its command's dataclasses (a typo would fail the user's run at start)."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-    from trl_prefix_share.cli import TRAINER_COMMANDS, StepwiseArguments, _import
+    from trl_prefix_share.commands.cli import TRAINER_COMMANDS, StepwiseArguments, _import
 
     name = recipe.split("_")[0]
     command = TRAINER_COMMANDS["cpo" if name == "simpo" else "dpo" if name == "sdpo" else name]
@@ -124,4 +124,12 @@ def test_accelerate_config_relaunches_the_command(monkeypatch):
     (command,) = launched
     assert command[command.index("--config_file") + 1] == str(REPO / "recipes" / "accelerate" / "ddp.yaml")
     tail = command[command.index("-m", command.index("--config_file")) :]
-    assert tail == ["-m", "trl_prefix_share.cli", "orpo", "--config", "recipes/orpo_tiny_cpu.yaml", "--max_steps", "2"]
+    assert tail == [
+        "-m",
+        "trl_prefix_share.commands.cli",
+        "orpo",
+        "--config",
+        "recipes/orpo_tiny_cpu.yaml",
+        "--max_steps",
+        "2",
+    ]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trl_prefix_share.demo import QUESTIONS, build_tokenizer, main, make_preference_task
+from trl_prefix_share.commands.demo import QUESTIONS, build_tokenizer, main, make_preference_task
 
 
 def parse_prompt(prompt: str) -> tuple[list[int], str]:

@@ -16,9 +16,9 @@ from transformers import AutoTokenizer
 from trl.data_utils import extract_prompt
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
-from trl_prefix_share.cli import main
-from trl_prefix_share.estimate import estimate_savings, split_point, tokenize_pairs
-from trl_prefix_share.estimate.tokenization import _extract_prompt
+from trl_prefix_share.commands.cli import main
+from trl_prefix_share.commands.estimate import estimate_savings, split_point, tokenize_pairs
+from trl_prefix_share.commands.estimate.tokenization import _extract_prompt
 
 BATCH = 4
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_seq", "rejected_seq", "prompt_seq", "document", "identical")

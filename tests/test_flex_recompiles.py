@@ -11,9 +11,9 @@ import shutil
 import pytest
 import torch
 
-from trl_prefix_share.attention import flex_packed
-from trl_prefix_share.attention.packed_layout import PackedAttentionLayout
-from trl_prefix_share.layout import SequenceSpec, make_document, pack_documents
+from trl_prefix_share.core.attention import flex_packed
+from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
+from trl_prefix_share.core.layout import SequenceSpec, make_document, pack_documents
 
 # (response lengths of the documents, prompt length, row budget): one row (the default, no `max_row_tokens`) of 48 to
 # ~800 tokens; then, on CUDA, several rows.

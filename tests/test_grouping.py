@@ -23,10 +23,10 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share import PrefixSharedDPOConfig
-from trl_prefix_share.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
-from trl_prefix_share.grouped_dpo_trainer import GroupedPrefixSharedDPOTrainer
-from trl_prefix_share.grouping import GroupByPrompt, PromptGroupedSampler, prompt_grouped_sampler
-from trl_prefix_share.layout import SequenceSpec, pack_documents
+from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.layout import SequenceSpec, pack_documents
+from trl_prefix_share.trainers.dpo.grouped import GroupedPrefixSharedDPOTrainer
+from trl_prefix_share.trainers.dpo.grouping import GroupByPrompt, PromptGroupedSampler, prompt_grouped_sampler
 
 BATCH = 8
 

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from trl_prefix_share.attention.sdpa_packed import bucket_mask
-from trl_prefix_share.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
-from trl_prefix_share.layout import (
+from trl_prefix_share.core.attention.sdpa_packed import bucket_mask
+from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.layout import (
     IGNORE_INDEX,
     SequenceSpec,
     assign_rows,

@@ -14,8 +14,8 @@ from test_grouping import make
 from trl import DPOConfig, DPOTrainer
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
-from trl_prefix_share.length_grouping import LengthGroupedBatchSampler, preference_lengths
-from trl_prefix_share.token_budget import TokenBudgetBatchSampler
+from trl_prefix_share.trainers.dpo.length_grouping import LengthGroupedBatchSampler, preference_lengths
+from trl_prefix_share.trainers.dpo.token_budget import TokenBudgetBatchSampler
 
 
 def test_sampler_is_a_seeded_permutation_of_length_sorted_buckets():

@@ -24,17 +24,17 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from trl_prefix_share.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
-from trl_prefix_share.grouping import GroupByPrompt
-from trl_prefix_share.model_structure import inspect_model
-from trl_prefix_share.model_support import (
+from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.installer import PrefixShareFallbackWarning, install_or_fall_back
+from trl_prefix_share.core.model_structure import inspect_model
+from trl_prefix_share.core.model_support import (
     UnsupportedModelError,
     check_architecture,
     enable_prefix_sharing,
     verify_packed_forward,
 )
-from trl_prefix_share.options import PrefixShareArguments
-from trl_prefix_share.trainer_setup import PrefixShareFallbackWarning, install_or_fall_back
+from trl_prefix_share.core.options import PrefixShareArguments
+from trl_prefix_share.trainers.dpo.grouping import GroupByPrompt
 
 VOCAB = 256
 #: Small sizes every config is offered (fields a config does not have are ignored or stored unused).

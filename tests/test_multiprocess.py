@@ -26,7 +26,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from conftest import DATA, DATASETS, TOKENIZER_DIR
 
 from trl_prefix_share import launch
-from trl_prefix_share.cli import main
+from trl_prefix_share.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "accelerate"
@@ -102,7 +102,7 @@ def test_zero3_config_sets_stage_3():
 def test_relaunch_command_line(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     config = str(CONFIGS / "ddp.yaml")
-    tail = ["-m", "trl_prefix_share.cli", "dpo", "--config", "r.yaml", "--beta", "0.2"]
+    tail = ["-m", "trl_prefix_share.commands.cli", "dpo", "--config", "r.yaml", "--beta", "0.2"]
     expected = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *tail]
     argv = ["--config", "r.yaml", "--accelerate_config", config, "--beta", "0.2"]
     assert launch.accelerate_relaunch("dpo", argv) == expected
@@ -138,7 +138,7 @@ def test_launcher_flags_are_not_training_options():
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
     import trl_prefix_share
-    from trl_prefix_share.cli import TRAINER_COMMANDS, StepwiseArguments
+    from trl_prefix_share.commands.cli import TRAINER_COMMANDS, StepwiseArguments
 
     configs = [getattr(trl_prefix_share, command.config) for command in TRAINER_COMMANDS.values()]
     for config in configs:

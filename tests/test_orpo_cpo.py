@@ -22,10 +22,10 @@ from equivalence import RELATIVE_TOLERANCE, cpu_args, perturb, relative_differen
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from trl_prefix_share.collator import PACKED_KEY
-from trl_prefix_share.cpo_trainer import PrefixSharedCPOConfig, PrefixSharedCPOTrainer
-from trl_prefix_share.orpo_trainer import PrefixSharedORPOConfig, PrefixSharedORPOTrainer
-from trl_prefix_share.paired_forward import document_tokens, validate_paired_dataset
+from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.trainers.paired.cpo import PrefixSharedCPOConfig, PrefixSharedCPOTrainer
+from trl_prefix_share.trainers.paired.forward import document_tokens, validate_paired_dataset
+from trl_prefix_share.trainers.paired.orpo import PrefixSharedORPOConfig, PrefixSharedORPOTrainer
 
 BATCH = 2
 # The one documented difference: stock's mean runs over padded positions we never compute.
@@ -360,7 +360,7 @@ def test_row_budget_smaller_than_a_document_is_named(tokenizer):
             },
         ]
     )
-    from trl_prefix_share.options import PrefixShareArguments
+    from trl_prefix_share.core.options import PrefixShareArguments
 
     # Example 1 shares 30 prompt tokens: 39 + 31 - 29 = 41 tokens, example 0: 5 + 4 - 2 = 7.
     assert len(validate_paired_dataset(data, "train", PrefixShareArguments(max_row_tokens=41), True)) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trl.trainer.dpo_trainer as dpo_module
 
-from trl_prefix_share.trl_compat import (
+from trl_prefix_share.core.trl_compat import (
     CORE_HOOKS,
     PAIRED_HOOKS,
     SUPPORTED,

@@ -19,16 +19,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from trl import DPOTrainer, RewardTrainer
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer, UnsupportedModelError
-from trl_prefix_share.attention import ATTENTION_NAME, register_attention
-from trl_prefix_share.collator import PACKED_KEY
-from trl_prefix_share.model_structure import inspect_model
-from trl_prefix_share.model_support import enable_prefix_sharing, verify_packed_forward
-from trl_prefix_share.options import PrefixShareArguments
-from trl_prefix_share.packed_forward import install_packed_forward
-from trl_prefix_share.reward_config import PrefixSharedRewardConfig
-from trl_prefix_share.reward_trainer import PrefixSharedRewardTrainer
-from trl_prefix_share.trainer_setup import PrefixShareFallbackWarning, install_or_fall_back
-from trl_prefix_share.validation import validate_preference_dataset
+from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
+from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.core.installer import PrefixShareFallbackWarning, install_or_fall_back
+from trl_prefix_share.core.model_structure import inspect_model
+from trl_prefix_share.core.model_support import enable_prefix_sharing, verify_packed_forward
+from trl_prefix_share.core.options import PrefixShareArguments
+from trl_prefix_share.core.packed_forward import install_packed_forward
+from trl_prefix_share.trainers.dpo.validation import validate_preference_dataset
+from trl_prefix_share.trainers.reward.config import PrefixSharedRewardConfig
+from trl_prefix_share.trainers.reward.trainer import PrefixSharedRewardTrainer
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 #: Sliding windows at 32: longer than a short probe, shorter than these batches. Qwen2-MoE keeps the window on the
@@ -270,7 +270,7 @@ def test_encoder_decoder_orpo_falls_back_exactly(tokenizer, tmp_path):
     from test_orpo_cpo import first_batch as paired_batch
     from transformers import AutoModelForSeq2SeqLM
 
-    from trl_prefix_share.orpo_trainer import PrefixSharedORPOConfig, PrefixSharedORPOTrainer
+    from trl_prefix_share.trainers.paired.orpo import PrefixSharedORPOConfig, PrefixSharedORPOTrainer
 
     config = AutoConfig.for_model(
         "t5",

@@ -3,31 +3,31 @@
 
 import importlib
 
-from .trl_compat import check_hooks
+from trl_prefix_share.core.trl_compat import check_hooks
 
 check_hooks()  # before anything imports a TRL internal: one clear error on an unsupported TRL / transformers
 
-from .attention import ATTENTION_NAME, register_attention
-from .collator import PrefixSharedPreferenceCollator
-from .dpo_config import PrefixSharedDPOConfig
-from .dpo_trainer import PrefixSharedDPOTrainer
-from .grouped_dpo_trainer import GroupedPrefixSharedDPOTrainer
-from .grouping import GroupByPrompt, PromptGroupedSampler
-from .model_support import UnsupportedModelError
-from .options import PrefixShareArguments
-from .reward_config import PrefixSharedRewardConfig
-from .reward_trainer import PrefixSharedRewardTrainer
-from .sdpo import StepwiseDPO, StepwiseDPOConfig
-from .trainer_setup import PrefixShareFallbackWarning
+from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
+from trl_prefix_share.core.collator import PrefixSharedPreferenceCollator
+from trl_prefix_share.core.installer import PrefixShareFallbackWarning
+from trl_prefix_share.core.model_support import UnsupportedModelError
+from trl_prefix_share.core.options import PrefixShareArguments
+from trl_prefix_share.trainers.dpo.config import PrefixSharedDPOConfig
+from trl_prefix_share.trainers.dpo.grouped import GroupedPrefixSharedDPOTrainer
+from trl_prefix_share.trainers.dpo.grouping import GroupByPrompt, PromptGroupedSampler
+from trl_prefix_share.trainers.dpo.trainer import PrefixSharedDPOTrainer
+from trl_prefix_share.trainers.reward.config import PrefixSharedRewardConfig
+from trl_prefix_share.trainers.reward.trainer import PrefixSharedRewardTrainer
+from trl_prefix_share.trainers.sdpo import StepwiseDPO, StepwiseDPOConfig
 
 __version__ = "0.1.0"
 
 # ORPO and CPO live in `trl.experimental`, whose import warns: load them only when asked for.
 _LAZY = {
-    "PrefixSharedCPOConfig": ".cpo_trainer",
-    "PrefixSharedCPOTrainer": ".cpo_trainer",
-    "PrefixSharedORPOConfig": ".orpo_trainer",
-    "PrefixSharedORPOTrainer": ".orpo_trainer",
+    "PrefixSharedCPOConfig": ".trainers.paired.cpo",
+    "PrefixSharedCPOTrainer": ".trainers.paired.cpo",
+    "PrefixSharedORPOConfig": ".trainers.paired.orpo",
+    "PrefixSharedORPOTrainer": ".trainers.paired.orpo",
 }
 
 

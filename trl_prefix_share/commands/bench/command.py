@@ -1,0 +1,168 @@
+"""`trl-prefix-share bench`: command-line flags -> `BenchSettings` -> table, JSON and PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, SHORT_NAMES
+from trl_prefix_share.commands.bench.models import PRESETS, ModelShape
+from trl_prefix_share.commands.bench.trainers import KINDS, VARIANTS
+
+EXAMPLE = """examples:
+  trl-prefix-share bench --trainer dpo --dataset hh_harmless ultrafeedback --json out.json --plot out.png
+  trl-prefix-share bench --trainer dpo orpo simpo reward --variants stock ours
+  trl-prefix-share bench --model-preset qwen2.5-0.5b --dataset my_prefs.jsonl --tokenizer Qwen/Qwen2.5-0.5B
+"""
+
+
+def add_small_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The run-size flags the special-case scripts in `benchmarks/` share (steps, rounds, model shape, seed, JSON)."""
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--json", type=Path, default=None, help="write every measurement to this JSON file")
+
+
+def parse_small_run(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, check the run sizes, and quiet the libraries' progress bars and notices."""
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be >= 1")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    return args
+
+
+def write_small_run_json(args: argparse.Namespace, summary: dict, runs: dict[str, list]) -> None:
+    """`--json` of the special-case scripts: their flags, summary, and every run (trainer name -> one per round)."""
+    if args.json is None:
+        return
+    payload = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "summary": summary,
+        "runs": [{"trainer": t, "round": i, **asdict(r)} for t, rs in runs.items() for i, r in enumerate(rs)],
+    }
+    args.json.write_text(json.dumps(payload, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trl-prefix-share bench",
+        description="Time stock TRL and prefix sharing end to end (trainer.train()) in one process, alternating runs.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--trainer", nargs="+", choices=KINDS, default=["dpo"], help="trainer kinds")
+    parser.add_argument(
+        "--dataset",
+        nargs="+",
+        default=["hh_harmless"],
+        help=f"short names ({', '.join(SHORT_NAMES)}: the repository's sample files), local files or hub names",
+    )
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer name or directory")
+    parser.add_argument("--model", default=None, help="a model name or directory (default: built from a config)")
+    parser.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny", help="shape of the built model")
+    parser.add_argument("--family", default=None, help="override the preset's model_type (llama, qwen2, ...)")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="ablation cells")
+    parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (pairs)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the variants")
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--gradient-checkpointing", choices=("on", "off", "both"), default="on", help="on: TRL default")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--whole-file", action=argparse.BooleanOptionalAction, default=True, help="token limits over the whole file"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write every measurement to this JSON file")
+    parser.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG; needs matplotlib)")
+    return parser
+
+
+def shape_from(args: argparse.Namespace) -> ModelShape:
+    """The preset with any explicit overrides."""
+    preset = PRESETS[args.model_preset]
+    heads = args.heads or preset.heads
+    return ModelShape(
+        family=args.family or preset.family,
+        layers=args.layers or preset.layers,
+        hidden=args.hidden or preset.hidden,
+        heads=heads,
+        kv_heads=heads if args.heads else preset.kv_heads,
+        intermediate=None if args.hidden else preset.intermediate,
+        tie_embeddings=preset.tie_embeddings,
+    )
+
+
+def run_bench(argv: list[str]) -> None:
+    """Parse flags, run, print the table, and write JSON / PNG when asked."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be >= 1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per run
+    import torch
+
+    from trl_prefix_share.commands.bench.report import format_table, plot, summarize, write_json
+    from trl_prefix_share.commands.bench.runner import BenchSettings, run_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = BenchSettings(
+        trainers=args.trainer,
+        datasets=args.dataset,
+        variants=args.variants,
+        tokenizer=args.tokenizer,
+        model=args.model,
+        shape=shape_from(args),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        max_length=args.max_length,
+        gradient_checkpointing={"on": [True], "off": [False], "both": [True, False]}[args.gradient_checkpointing],
+        seed=args.seed,
+        device=args.device,
+        whole_file=args.whole_file,
+    )
+    model = settings.model or settings.shape.describe()
+    print(
+        f"[trl-prefix-share bench] {model}, batch {settings.batch_size}, {settings.rounds} rounds x {settings.steps} "
+        f"timed steps (+{settings.warmup} warm-up), variants {', '.join(settings.variants)}",
+        flush=True,
+    )
+    report = run_benchmark(settings, log=lambda line: print(line, flush=True))
+    summaries = summarize(report)
+    env = report.environment
+    versions = f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}"
+    print(f"\n{env['device']}, {env['dtype']}; {versions}")
+    print(format_table(report, summaries))
+    if args.json is not None:
+        write_json(report, summaries, args.json)
+        print(f"\nJSON: {args.json}")
+    if args.plot is not None:
+        try:
+            plot(report, summaries, args.plot)
+            print(f"chart: {args.plot}")
+        except ImportError:
+            print("chart skipped: matplotlib is not installed (pip install 'trl-prefix-share[plot]')")

@@ -1,0 +1,92 @@
+"""The `trl-prefix-share estimate` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from trl_prefix_share.commands.estimate.counting import count_tokens
+from trl_prefix_share.commands.estimate.loading import load_preference_dataset, load_tokenizer
+from trl_prefix_share.commands.estimate.report import format_report
+from trl_prefix_share.commands.estimate.tokenization import tokenize_pairs
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.lower() in {"none", "null", "0"} else int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trl-prefix-share estimate",
+        description="Tokens stock TRL's DPOTrainer would process on a preference dataset vs prefix sharing, and the "
+        "speedup to expect. No model is loaded.",
+    )
+    parser.add_argument("--dataset", required=True, help="a .jsonl/.json/.parquet/.csv file or a hub dataset name")
+    parser.add_argument("--dataset-config", default=None, help="hub dataset configuration name")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer name or directory (the model's)")
+    parser.add_argument(
+        "--batch-size", type=int, nargs="+", default=[8], help="per-device train batch size(s) (default: 8)"
+    )
+    parser.add_argument("--max-length", type=_optional_int, default=1024, help="TRL's max_length; none: no limit")
+    parser.add_argument("--truncation-mode", choices=["keep_start", "keep_end"], default="keep_start")
+    parser.add_argument("--pad-to-multiple-of", type=_optional_int, default=None, help="TRL's pad_to_multiple_of")
+    parser.add_argument("--max-row-tokens", type=_optional_int, default=None, help="token budget of a packed row")
+    parser.add_argument(
+        "--pad-rows-to-multiple-of",
+        type=_optional_int,
+        default=None,
+        help="pad packed rows to a multiple of this (the trainer uses 128 on CUDA by default; none on CPU)",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="the Trainer's seed (or data_seed) for the shuffle")
+    parser.add_argument("--no-shuffle", action="store_true", help="batches in dataset order")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument(
+        "--sample", type=int, default=None, help="N examples drawn at random (seeded): ratios hold, totals shrink"
+    )
+    parser.add_argument(
+        "--exact-tokenization", action="store_true", help="tokenize the prompt three times as TRL does (slower)"
+    )
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def run_estimate(argv: list[str]) -> None:
+    """The `estimate` command: tokenize once, count for each batch size, print the table (and write JSON)."""
+    args = build_parser().parse_args(argv)
+    if args.no_progress:
+        from datasets import disable_progress_bars
+
+        disable_progress_bars()
+    dataset = load_preference_dataset(args.dataset, args.split, args.dataset_config)
+    title = f"trl-prefix-share estimate: {args.dataset} with tokenizer {args.tokenizer}"
+    if args.limit is not None:
+        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    if args.sample is not None and args.sample < len(dataset):
+        title += f" (random sample of {args.sample:,} of {len(dataset):,} examples)"
+        picked = np.random.default_rng(args.seed).choice(len(dataset), args.sample, replace=False)
+        dataset = dataset.select(np.sort(picked))
+    tokenizer = load_tokenizer(args.tokenizer)
+    pairs = tokenize_pairs(
+        dataset, tokenizer, args.max_length, args.truncation_mode, not args.no_progress, args.exact_tokenization
+    )
+    estimates = [
+        count_tokens(
+            pairs,
+            batch_size,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            max_row_tokens=args.max_row_tokens,
+            pad_rows_to_multiple_of=args.pad_rows_to_multiple_of,
+        )
+        for batch_size in args.batch_size
+    ]
+    print(format_report(estimates, title))
+    if args.json:
+        payload = {"dataset": args.dataset, "tokenizer": args.tokenizer, "estimates": [e.to_dict() for e in estimates]}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

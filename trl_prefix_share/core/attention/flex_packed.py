@@ -1,0 +1,63 @@
+"""CUDA kernel: FlexAttention with a BlockMask built from the packed layout.
+
+The block mask is built once per step per sliding-window size and shared by all layers and by the policy and
+reference forwards. ``flex_attention`` is compiled once with dynamic shapes, so new row lengths do not recompile
+(with ``dynamic=False`` it recompiles per length and silently falls back to eager after the cache limit).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def build_block_mask(layout: PackedAttentionLayout, sliding_window: int | None, device: torch.device):
+    """BlockMask of the packed rule: same document, key not after query, key shared or in the query's branch."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = layout.document_ids.to(device)
+    branch = layout.branch_ids.to(device)
+    pos = layout.position_ids.to(device)
+    rows, length = doc.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_doc = doc[b, q_idx] == doc[b, kv_idx]
+        visible_branch = (branch[b, kv_idx] == 0) | (branch[b, kv_idx] == branch[b, q_idx])
+        real = (doc[b, q_idx] >= 0) & same_doc & visible_branch & (kv_idx <= q_idx)
+        if sliding_window is not None:
+            real = real & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
+        # Row padding attends to itself only, so no row of the softmax is empty.
+        return real | ((doc[b, q_idx] < 0) & (q_idx == kv_idx))
+
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+def packed_flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: PackedAttentionLayout,
+    scaling: float | None,
+    sliding_window: int | None,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """Attention of packed rows. query ``[R, H, T, D]``, key/value ``[R, Hkv, T, D]`` -> ``[R, T, H, D]``."""
+    block_mask = layout.cached(
+        ("flex", sliding_window, query.device), lambda: build_block_mask(layout, sliding_window, query.device)
+    )
+    if compiled:
+        attend = _compiled_flex_attention()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as attend
+    out = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()

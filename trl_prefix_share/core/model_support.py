@@ -1,0 +1,172 @@
+"""Switching a model to the shared-prefix forward, and refusing the ones it cannot serve exactly."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
+from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.model_structure import ModelStructure, inspect_model, stamp_layer_windows
+from trl_prefix_share.core.packed_forward import install_packed_forward
+from trl_prefix_share.core.prompt_groups import GroupByPrompt
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be trained exactly with prefix sharing."""
+
+
+def check_architecture(model: torch.nn.Module) -> ModelStructure:
+    """The structural check: raise ``UnsupportedModelError`` naming every layer rule the packed path cannot serve."""
+    structure = inspect_model(model)
+    if not structure.served:
+        raise UnsupportedModelError(structure.describe())
+    return structure
+
+
+def enable_prefix_sharing(model: torch.nn.Module, kernel: str) -> None:
+    """Switch ``model`` (a causal LM already patched by TRL's ``add_fused_lm_head``) to the packed forward."""
+    switch_attention(model)
+    install_packed_forward(model, kernel)
+
+
+def switch_attention(model: torch.nn.Module) -> None:
+    """Check the structure, stamp each layer's window, and select the packed attention (remembering the old one)."""
+    structure = check_architecture(model)
+    stamp_layer_windows(model, structure.windows)
+    register_attention()
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model._prefix_share_previous_attention = model.config._attn_implementation
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def restore_attention(model: torch.nn.Module) -> None:
+    """Undo ``switch_attention`` (after a failed probe): the model computes exactly as before. The forward wrapper
+    stays but is inert: it acts only on batches that carry a packed layout, which the stock collator never makes."""
+    previous = model.__dict__.pop("_prefix_share_previous_attention", None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+
+
+# -- the construction probe --------------------------------------------------------------------------------------------
+
+#: Sliding windows are clipped to this many positions while probing, so short probe sequences cross them.
+PROBE_WINDOW = 5
+#: Probe tolerance: this many times the model's own float noise (the same sequences scored padded vs alone) ...
+NOISE_MULTIPLE = 8.0
+#: ... and at least this many units of the dtype's rounding of the largest log-probability.
+ROUNDING_UNITS = 4.0
+
+
+def _probe_examples(vocab_size: int) -> list[dict[str, list[int]]]:
+    """Three prompts; one has two pairs (four distinct responses: a K=4 document); lengths cross PROBE_WINDOW."""
+    high = max(3, min(vocab_size, 200))
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(1, high, (n,), generator=generator).tolist()
+
+    long_prompt, short_prompt, tiny_prompt = tokens(13), tokens(4), tokens(2)
+    return [
+        {"prompt_ids": long_prompt, "chosen_ids": tokens(9), "rejected_ids": tokens(5)},
+        {"prompt_ids": short_prompt, "chosen_ids": tokens(3), "rejected_ids": tokens(11)},
+        {"prompt_ids": long_prompt, "chosen_ids": tokens(12), "rejected_ids": tokens(7)},
+        {"prompt_ids": tiny_prompt, "chosen_ids": tokens(6), "rejected_ids": tokens(8)},
+    ]
+
+
+def _probe_batch(vocab_size: int, kernel: str) -> dict:
+    """Several documents in one row, one with K=4 branches (grouped by prompt), padded stock rows alongside."""
+    collator = PrefixSharedPreferenceCollator(
+        DataCollatorForPreference(pad_token_id=0),
+        pad_token_id=0,
+        options=PackingOptions(sdpa_buckets=kernel == "sdpa"),
+        group_documents=GroupByPrompt(),
+    )
+    return collator(_probe_examples(vocab_size))
+
+
+@contextlib.contextmanager
+def clipped_windows(model: torch.nn.Module, limit: int = PROBE_WINDOW):
+    """Temporarily shrink every sliding window to ``limit`` (config, layer attributes and stamps alike), so that the
+    probe's short sequences reach past it in the stock mask and the packed kernel both."""
+    saved: list[tuple[object, str, object]] = []
+
+    def shrink(owner: object, name: str) -> None:
+        value = getattr(owner, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            saved.append((owner, name, value))
+            setattr(owner, name, limit)
+
+    shrink(model.config.get_text_config(), "sliding_window")
+    for module in model.modules():
+        shrink(module, "sliding_window")
+        shrink(module, "prefix_share_window")
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+def probe_tolerance(stock: torch.Tensor, alone: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> float:
+    """How far packed may be from stock: a multiple of the model's own noise between two stock arrangements of the same
+    sequences, floored by the dtype's rounding. A wrong context moves log-probs far beyond both, even at init."""
+    noise = float((stock - alone)[mask].abs().max()) if bool(mask.any()) else 0.0
+    scale = max(float(stock[mask].abs().max()) if bool(mask.any()) else 1.0, 1.0)
+    return max(NOISE_MULTIPLE * noise, ROUNDING_UNITS * torch.finfo(dtype).eps * scale)
+
+
+def _score(model: torch.nn.Module, input_ids, attention_mask, labels, **extra) -> torch.Tensor:
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False, **extra
+    ).log_probs.float()
+
+
+@torch.no_grad()
+def verify_packed_forward(model: torch.nn.Module, kernel: str, device: torch.device) -> None:
+    """Score a probe batch packed and unpacked; raise if they disagree beyond the model's own float noise.
+
+    The probe has several documents in one row, a prompt with four responses, and sliding windows clipped below
+    its lengths. Catches what the structural check cannot see: a model that drops unknown keyword arguments,
+    derives positions from the mask, or mixes positions in a layer that does not look like one.
+    """
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    batch = _to_device(_probe_batch(vocab_size, kernel), device)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    mask = labels[:, 1:] != -100
+    was_training = model.training
+    model.eval()
+    try:
+        with clipped_windows(model):
+            stock = _score(model, batch["input_ids"], batch["attention_mask"], labels)
+            alone = torch.zeros_like(stock)
+            for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+                piece = slice(0, length)
+                scored = _score(model, batch["input_ids"][row : row + 1, piece], None, labels[row : row + 1, piece])
+                alone[row, : length - 1] = scored[0]
+            packed = _score(
+                model, batch["input_ids"], batch["attention_mask"], labels, **{PACKED_KEY: batch[PACKED_KEY]}
+            )
+    finally:
+        model.train(was_training)
+    tolerance = probe_tolerance(stock, alone, mask, next(model.parameters()).dtype)
+    difference = float((packed - stock)[mask].abs().max())
+    if not difference <= tolerance:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the packed forward differs from the unpacked one by {difference:.3g} in "
+            f"log-probability on the construction probe (allowed {tolerance:.3g}, {NOISE_MULTIPLE:g}x the model's own "
+            "float noise), so prefix sharing would train on wrong numbers"
+        )
+
+
+def _to_device(value, device: torch.device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Reward models: `PrefixSharedRewardTrainer` on `trl.RewardTrainer`, its config, validation and ranked lists."""
