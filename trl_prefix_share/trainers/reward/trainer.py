@@ -122,5 +122,9 @@ class PrefixSharedRewardTrainer(RewardTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *RANKED_COLUMNS]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        log_batch_token_counts(self, inputs)
+        self._log_token_counts(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _log_token_counts(self, inputs: dict[str, Any]) -> None:
+        """Packed vs stock tokens of this batch (shapes only: no device sync); ratio 1.0 in the exact fallback."""
+        log_batch_token_counts(self, inputs)
