@@ -113,7 +113,7 @@ def test_unknown_command_prints_usage(capsys):
 def test_accelerate_config_relaunches_the_command(monkeypatch):
     """`--accelerate_config ddp` re-runs the same command under `accelerate launch` with our DDP config, without the
     flag, and exits with the launch's status (TRL's CLI behaves the same way)."""
-    from trl_prefix_share import launch
+    from trl_prefix_share.commands import launch
 
     launched = []
     monkeypatch.delenv("LOCAL_RANK", raising=False)

@@ -25,7 +25,7 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from conftest import DATA, DATASETS, TOKENIZER_DIR
 
-from trl_prefix_share import launch
+from trl_prefix_share.commands import launch
 from trl_prefix_share.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
