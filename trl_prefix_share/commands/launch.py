@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 FLAG = "--accelerate_config"
-OUR_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+OUR_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 # `accelerate launch` options worth overriding per run (a config's `num_processes` is rarely the machine's GPU
 # count); none of them is a training, model, script or dataset argument of the commands.
 LAUNCHER_FLAGS = frozenset(

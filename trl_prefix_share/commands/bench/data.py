@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from trl.data_utils import is_conversational, maybe_extract_prompt
 
 #: Where the repository's sample data and tokenizer live (`../shared` next to the checkout, or this variable).
-SHARED = Path(os.environ.get("TRL_PREFIX_SHARE_SHARED", Path(__file__).resolve().parents[3] / "shared"))
+SHARED = Path(os.environ.get("TRL_PREFIX_SHARE_SHARED", Path(__file__).resolve().parents[4] / "shared"))
 SHORT_NAMES = {
     "hh_harmless": "hh_harmless_base_test.jsonl",
     "hh_helpful": "hh_helpful_base_test.jsonl",
