@@ -57,11 +57,16 @@ def hh_rows():
     return load_dataset_rows("hh_harmless", 12)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_every_loss_type_matches_stock(family, model_dir, tokenizer, hh_rows):
+#: Every loss type on Llama; on Qwen2 a subset that covers each kind of loss math (log-sigmoid, squared, smoothed,
+#: BCO's running reward mean, SPPO's targets, DiscoPOP's mix), to keep the float64 suite inside CI's time budget.
+SECOND_FAMILY_LOSS_TYPES = ["sigmoid", "ipo", "robust", "bco_pair", "sppo_hard", "discopop"]
+
+
+@pytest.mark.parametrize(("family", "loss_types"), [("llama", ALL_LOSS_TYPES), ("qwen2", SECOND_FAMILY_LOSS_TYPES)])
+def test_every_loss_type_matches_stock(family, loss_types, model_dir, tokenizer, hh_rows):
     stock, ours = make_pair(model_dir(family), tokenizer, hh_rows)
     stock_batch, our_batch = first_batch(stock, BATCH), first_batch(ours, BATCH)
-    for loss_type in ALL_LOSS_TYPES:
+    for loss_type in loss_types:
         smoothing = 0.1 if loss_type in {"exo_pair", "robust", "aot", "aot_unpaired"} else 0.0
         for trainer in (stock, ours):
             trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], smoothing
