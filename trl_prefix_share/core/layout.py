@@ -35,12 +35,16 @@ class SequenceSpec:
         label_start: index of the first token that is predicted (scored); defaults to ``completion_start``. ORPO's
             NLL term scores the prompt too (``label_start=1``); shared prompt positions are then scored for the
             document's first sequence only.
+        position_offset: column of ``tokens[0]`` in the stock row, and its position id there. 0 for right-padded
+            batches; the left padding of the row for online RL's left-padded prompts, whose stock forward numbers
+            positions by column (transformers' default ``arange``), so the packed positions match them exactly.
     """
 
     tokens: torch.Tensor
     completion_start: int
     virtual_row: int
     label_start: int | None = None
+    position_offset: int = 0
 
     @property
     def first_label(self) -> int:
@@ -172,10 +176,11 @@ class _Segment:
     source: int  # offset in the concatenated token source
     length: int
     dest: int  # flat offset in the packed rows
-    position: int  # position id of its first token
+    position: int  # index in its sequence of its first token
     document: int
     branch: int  # 0: shared prefix
     sequence: int  # index of the sequence whose next tokens it predicts
+    weight: int  # stock rows holding these tokens (all sequences of the document for a shared prefix)
 
 
 @dataclass
@@ -260,9 +265,11 @@ def pack_documents(
 
     Returns a dict of tensors: ``input_ids``, ``position_ids``, ``shift_labels``, ``document_ids``, ``branch_ids``
     (all ``[rows, T]``), ``label_index`` (flat packed index of every labelled position, row-major) and
-    ``target_index`` (its flat index in the shifted virtual layout), ``branch_lengths`` (labelled tokens per
-    sequence, by virtual row), ``last_index`` (flat packed index of each sequence's last token, by virtual row: where
-    a reward model reads its score), and ``attention_buckets`` (a list) when ``sdpa_buckets``.
+    ``target_index`` (its flat index in the shifted virtual layout), ``token_weights`` (``[rows, T]``, how many
+    stock rows hold each packed token: weights of per-token statistics such as the MoE load-balancing loss, 0 on
+    row padding), ``branch_lengths`` (labelled tokens per sequence, by virtual row), ``last_index`` (flat packed
+    index of each sequence's last token, by virtual row: where a reward model reads its score), and
+    ``attention_buckets`` (a list) when ``sdpa_buckets``.
     """
     row_members = assign_rows([doc.num_tokens for doc in documents], max_row_tokens, pack)
     longest_row = max((sum(documents[i].num_tokens for i in row) for row in row_members), default=1)
@@ -292,12 +299,16 @@ def pack_documents(
             shared_dest = dest
             if start:  # shared prefix: scored, if at all, for the document's first sequence
                 owner = first + doc.branches[0]
-                segments.append(_Segment(source_start[owner], start, dest, 0, doc_index, 0, owner))
+                weight = len(doc.sequences)
+                segments.append(_Segment(source_start[owner], start, dest, 0, doc_index, 0, owner, weight))
                 dest += start
             for branch, member in enumerate(doc.branches, start=1):
                 index = first + member
                 length = len(doc.sequences[member].tokens) - start
-                segments.append(_Segment(source_start[index] + start, length, dest, start, doc_index, branch, index))
+                weight = doc.aliases.count(member)
+                segments.append(
+                    _Segment(source_start[index] + start, length, dest, start, doc_index, branch, index, weight)
+                )
                 last_flat[index] = dest + length - 1
                 if branch == 1:
                     trunk_groups.append(_Group(shared_dest, start + length, 0, shared_dest, start, dest))
@@ -310,26 +321,30 @@ def pack_documents(
     shift_labels = torch.full((num_rows * row_length,), IGNORE_INDEX, dtype=torch.long)
     document_ids = torch.full((num_rows * row_length,), PAD_DOCUMENT, dtype=torch.long)
     branch_ids = torch.full((num_rows * row_length,), PAD_DOCUMENT, dtype=torch.long)
+    token_weights = torch.zeros(num_rows * row_length, dtype=torch.long)
     label_index = target_index = torch.zeros(0, dtype=torch.long)
     branch_lengths = torch.zeros(num_virtual_rows, dtype=torch.long)
 
     if segments:
         table = torch.tensor(
-            [[s.source, s.length, s.dest, s.position, s.document, s.branch, s.sequence] for s in segments]
+            [[s.source, s.length, s.dest, s.position, s.document, s.branch, s.sequence, s.weight] for s in segments]
         )
-        seg_source, seg_length, seg_dest, seg_position, seg_document, seg_branch, seg_sequence = table.unbind(1)
+        (seg_source, seg_length, seg_dest, seg_position, seg_document, seg_branch, seg_sequence, seg_weight) = (
+            table.unbind(1)
+        )
         run, within = _spans(seg_length)
         src = seg_source[run] + within
         dst = seg_dest[run] + within
         pos = seg_position[run] + within
+        # Position j of a sequence predicts its token j+1 when that token is a completion token.
+        seq_info = torch.tensor([[len(q.tokens), q.first_label, q.virtual_row, q.position_offset] for q in sequences])
+        owner = seg_sequence[run]
         input_ids[dst] = source[src]
-        position_ids[dst] = pos
+        position_ids[dst] = pos + seq_info[owner, 3]
         document_ids[dst] = seg_document[run]
         branch_ids[dst] = seg_branch[run]
+        token_weights[dst] = seg_weight[run]
 
-        # Position j of a sequence predicts its token j+1 when that token is a completion token.
-        seq_info = torch.tensor([[len(q.tokens), q.first_label, q.virtual_row] for q in sequences])
-        owner = seg_sequence[run]
         next_pos = pos + 1
         labelled = (next_pos < seq_info[owner, 0]) & (next_pos >= seq_info[owner, 1])
         label_index = dst[labelled]
@@ -347,7 +362,7 @@ def pack_documents(
                     )
                     labelled_pos = torch.cat([labelled_pos, labelled_pos[same]])
         virtual_row = seq_info[labelled_owner, 2]
-        target_index = virtual_row * (virtual_length - 1) + labelled_pos
+        target_index = virtual_row * (virtual_length - 1) + seq_info[labelled_owner, 3] + labelled_pos
         branch_lengths = torch.bincount(virtual_row, minlength=num_virtual_rows)
 
     last_index = torch.zeros(num_virtual_rows, dtype=torch.long)
@@ -360,6 +375,7 @@ def pack_documents(
         "shift_labels": shift_labels.view(shape),
         "document_ids": document_ids.view(shape),
         "branch_ids": branch_ids.view(shape),
+        "token_weights": token_weights.view(shape),
         "label_index": label_index,
         "target_index": target_index,
         "branch_lengths": branch_lengths,
@@ -369,3 +385,14 @@ def pack_documents(
         buckets = [(trunk_groups, True), (side_groups, False)]
         batch["attention_buckets"] = [_attention_bucket(groups, trunk) for groups, trunk in buckets if groups]
     return batch
+
+
+def move_to_device(value, device: torch.device):
+    """A packed layout (nested dicts and lists of tensors) on ``device``."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: move_to_device(item, device) for key, item in value.items()}
+    if isinstance(value, list):
+        return [move_to_device(item, device) for item in value]
+    return value

@@ -9,6 +9,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.model_structure import ModelStructure, inspect_model, stamp_layer_windows
 from trl_prefix_share.core.packed_forward import install_packed_forward
 from trl_prefix_share.core.prompt_groups import GroupByPrompt
@@ -134,7 +135,7 @@ def verify_packed_forward(model: torch.nn.Module, kernel: str, device: torch.dev
     derives positions from the mask, or mixes positions in a layer that does not look like one.
     """
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    batch = _to_device(_probe_batch(vocab_size, kernel), device)
+    batch = move_to_device(_probe_batch(vocab_size, kernel), device)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     mask = labels[:, 1:] != -100
     was_training = model.training
@@ -160,13 +161,3 @@ def verify_packed_forward(model: torch.nn.Module, kernel: str, device: torch.dev
             f"log-probability on the construction probe (allowed {tolerance:.3g}, {NOISE_MULTIPLE:g}x the model's own "
             "float noise), so prefix sharing would train on wrong numbers"
         )
-
-
-def _to_device(value, device: torch.device):
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    return value

@@ -49,6 +49,11 @@ def scatter_to_virtual(values: torch.Tensor, packed: dict[str, Any], virtual_sha
     return out.index_copy(0, packed["target_index"], picked).view(rows, width)
 
 
+def _config_requests_router_logits(model: torch.nn.Module) -> bool:
+    """TRL's fused head asks for router logits (and the aux loss) whenever the config says `output_router_logits`."""
+    return bool(getattr(model.config.get_text_config(), "output_router_logits", False))
+
+
 def install_packed_forward(model: torch.nn.Module, kernel: str) -> None:
     """Wrap ``model.forward`` (already patched by ``trl.trainer.utils.add_fused_lm_head``) once."""
     inner = model.forward
@@ -67,6 +72,12 @@ def install_packed_forward(model: torch.nn.Module, kernel: str) -> None:
         for name in ("attention_mask", "labels", "position_ids", "inputs_embeds", "shift_labels"):
             kwargs.pop(name, None)
         layout = layout_for_batch(packed, kernel)
+        if kwargs.get("output_router_logits") or _config_requests_router_logits(model):
+            # TRL's head computes the MoE load-balancing loss as a mean over the tokens its `attention_mask` marks.
+            # Weighing each packed token by the stock rows holding it gives the stock batch's mean exactly (a shared
+            # prompt token stands for all its rows; row padding weighs 0). The mask itself builds no attention mask
+            # during a packed forward (see `attention.prefix_share_mask`).
+            kwargs["attention_mask"] = packed["token_weights"]
         with packed_forward_scope(), score_labelled_positions_only():
             outputs = inner(
                 input_ids=packed["input_ids"],

@@ -18,9 +18,9 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention import layout_for_batch, packed_forward_scope
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.model_support import (
     UnsupportedModelError,
-    _to_device,
     clipped_windows,
     probe_tolerance,
     switch_attention,
@@ -138,7 +138,7 @@ def verify_packed_scores(model: torch.nn.Module, kernel: str, device: torch.devi
         pad_token_id=pad,
         options=PackingOptions(sdpa_buckets=kernel == "sdpa"),
     )
-    batch = _to_device(collator(_probe_examples(vocab_size, pad_token_id)), device)
+    batch = move_to_device(collator(_probe_examples(vocab_size, pad_token_id)), device)
     was_training = model.training
     model.eval()
     try:

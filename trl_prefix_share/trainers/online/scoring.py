@@ -1,0 +1,137 @@
+"""The hook both online trainers share: TRL's per-token log-prob pass, with each prompt run once per group.
+
+TRL's ``_get_per_token_logps_and_entropies`` serves the policy forward (with gradients), the old-policy pass and the
+reference pass alike. Here it packs the rows whose prompt tokens are identical into one document with one branch
+per distinct completion, calls the model (the policy, the reference, or the adapter-disabled policy) with that
+layout, and returns TRL's ``[B, logits_to_keep]`` tensors, so every line of TRL's loss code runs unchanged. Rows it
+cannot lay out (vision inputs, a mask that is not left-padded prompt + right-padded completion, an empty prompt) are
+scored by TRL's own code: exact, just without the saving.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+
+from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.core.completion_rows import UnshareableRows, chunk_by_prompt, pack_completion_rows, read_rows
+from trl_prefix_share.core.installer import install_or_fall_back, model_to_patch
+from trl_prefix_share.core.online_support import enable_online_prefix_sharing, verify_online_forward
+from trl_prefix_share.core.options import packing_options
+from trl_prefix_share.core.token_metrics import log_token_counts
+
+logger = logging.getLogger(__name__)
+
+
+class PrefixSharedScoringMixin:
+    """Mixed in before ``trl.GRPOTrainer`` / ``trl.RLOOTrainer``; ``install_prefix_sharing`` runs after their init."""
+
+    def install_prefix_sharing(self) -> None:
+        """Switch the policy and the reference (when there is one) to the packed forward, or fall back exactly."""
+        packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
+        self.prefix_share_packing = packing
+        self.prefix_share_kernel = kernel
+        self._prefix_share_layouts: tuple[Any, ...] | None = None
+        self._prefix_share_warned = False
+        models = [model_to_patch(self.accelerator.unwrap_model(self.model))]
+        if self.ref_model is not None:
+            models.append(self.accelerator.unwrap_model(self.ref_model))
+        self.prefix_share_enabled = install_or_fall_back(
+            self, models, enable_online_prefix_sharing, verify_online_forward, kernel
+        )
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal: Any,
+    ):
+        def stock():
+            if compute_entropy:  # the policy pass: one token count per micro-batch, like the preference trainers
+                log_token_counts(self, input_ids.numel(), input_ids.numel())
+            return super(PrefixSharedScoringMixin, self)._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **multimodal,
+            )
+
+        if not getattr(self, "prefix_share_enabled", False) or any(v is not None for v in multimodal.values()):
+            return stock()  # the exact fallback, or image prompts (scored by TRL until vision prompts are served)
+        try:
+            chunks = self._packed_chunks(input_ids, attention_mask, logits_to_keep, batch_size)
+        except UnshareableRows as why:
+            if not self._prefix_share_warned:
+                logger.warning("Scoring a batch the stock way (exact, no sharing): %s.", why)
+                self._prefix_share_warned = True
+            return stock()
+
+        all_logps, all_entropies, all_aux_losses = [], [], []
+        packed_tokens = 0
+        for rows, packed in chunks:
+            ids, mask = input_ids[rows], attention_mask[rows]
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            model_inputs = {"input_ids": ids, "attention_mask": mask, PACKED_KEY: packed}
+            if compute_aux_loss:
+                model_inputs["output_router_logits"] = True
+            with self.accelerator.autocast():
+                outputs = model(**model_inputs, labels=labels, fused_lm_head=True)
+            all_logps.append(outputs.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                all_entropies.append(outputs.entropy[:, -logits_to_keep:])
+            if compute_aux_loss:
+                all_aux_losses.append(outputs.aux_loss)
+            packed_tokens += packed["input_ids"].numel()
+
+        order = torch.cat([rows for rows, _ in chunks])
+        restore = None if torch.equal(order, torch.arange(len(order))) else order.argsort().to(input_ids.device)
+        logps = _in_row_order(torch.cat(all_logps), restore)
+        entropies = _in_row_order(torch.cat(all_entropies), restore) if compute_entropy else None
+        aux_loss = torch.stack(all_aux_losses).mean() if compute_aux_loss else None
+        if compute_entropy:
+            log_token_counts(self, packed_tokens, input_ids.numel())
+        return logps, entropies, aux_loss
+
+    def _packed_chunks(self, input_ids, attention_mask, logits_to_keep, batch_size):
+        """(rows, packed layout) per chunk; reused while the same rows are scored again (old policy, reference)."""
+        cached = self._prefix_share_layouts
+        key = (input_ids.shape, attention_mask.data_ptr(), logits_to_keep, batch_size)
+        if cached is not None and cached[0]() is input_ids and cached[1] == key:
+            return cached[2]
+        rows_total = input_ids.size(0)
+        if batch_size is None or batch_size >= rows_total:
+            row_chunks = [torch.arange(rows_total)]
+        else:
+            shape = read_rows(input_ids, attention_mask, logits_to_keep)
+            row_tokens = attention_mask.sum(dim=1).cpu()
+            row_chunks = chunk_by_prompt(shape, row_tokens, batch_size, input_ids.size(1))
+        chunks = []
+        for rows in row_chunks:
+            rows = rows.to(input_ids.device)
+            packed = pack_completion_rows(
+                input_ids[rows],
+                attention_mask[rows],
+                logits_to_keep,
+                pad_token_id=self._tokenizer.pad_token_id or 0,
+                options=self.prefix_share_packing,
+            )
+            chunks.append((rows, packed))
+        self._prefix_share_layouts = (weakref.ref(input_ids), key, chunks)
+        return chunks
+
+
+def _in_row_order(values: torch.Tensor, restore: torch.Tensor | None) -> torch.Tensor:
+    return values if restore is None else values[restore]
