@@ -32,6 +32,8 @@ SECTIONS: dict[str, list[str]] = {
         "PrefixSharedRewardTrainer",
         "PrefixSharedORPOTrainer",
         "PrefixSharedCPOTrainer",
+        "PrefixSharedGRPOTrainer",
+        "PrefixSharedRLOOTrainer",
     ],
     "Configs": [
         "PrefixShareArguments",
@@ -39,6 +41,8 @@ SECTIONS: dict[str, list[str]] = {
         "PrefixSharedRewardConfig",
         "PrefixSharedORPOConfig",
         "PrefixSharedCPOConfig",
+        "PrefixSharedGRPOConfig",
+        "PrefixSharedRLOOConfig",
     ],
     "Stepwise DPO (sDPO)": ["StepwiseDPO", "StepwiseDPOConfig"],
     "Data: collator, grouping, sampler": ["PrefixSharedPreferenceCollator", "GroupByPrompt", "PromptGroupedSampler"],

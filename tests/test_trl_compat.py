@@ -7,6 +7,7 @@ import trl.trainer.dpo_trainer as dpo_module
 
 from trl_prefix_share.core.trl_compat import (
     CORE_HOOKS,
+    ONLINE_HOOKS,
     PAIRED_HOOKS,
     SUPPORTED,
     Hook,
@@ -15,7 +16,7 @@ from trl_prefix_share.core.trl_compat import (
 )
 
 
-@pytest.mark.parametrize("hook", CORE_HOOKS + PAIRED_HOOKS, ids=lambda h: f"{h.owner}.{h.attribute}")
+@pytest.mark.parametrize("hook", CORE_HOOKS + PAIRED_HOOKS + ONLINE_HOOKS, ids=lambda h: f"{h.owner}.{h.attribute}")
 def test_every_hook_is_present(hook):
     assert hook.present(), f"{hook.owner}.{hook.attribute} is missing: {hook.why}"
 

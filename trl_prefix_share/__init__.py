@@ -22,8 +22,13 @@ from trl_prefix_share.trainers.sdpo import StepwiseDPO, StepwiseDPOConfig
 
 __version__ = "0.1.0"
 
-# ORPO and CPO live in `trl.experimental`, whose import warns: load them only when asked for.
+# ORPO and CPO live in `trl.experimental`, whose import warns, and the online trainers pull in TRL's GRPO/RLOO
+# (generation, rewards): load them only when asked for.
 _LAZY = {
+    "PrefixSharedGRPOConfig": ".trainers.online.config",
+    "PrefixSharedGRPOTrainer": ".trainers.online.grpo",
+    "PrefixSharedRLOOConfig": ".trainers.online.config",
+    "PrefixSharedRLOOTrainer": ".trainers.online.rloo",
     "PrefixSharedCPOConfig": ".trainers.paired.cpo",
     "PrefixSharedCPOTrainer": ".trainers.paired.cpo",
     "PrefixSharedORPOConfig": ".trainers.paired.orpo",
@@ -43,6 +48,10 @@ __all__ = [
     "GroupedPrefixSharedDPOTrainer",
     "PrefixSharedCPOConfig",
     "PrefixSharedCPOTrainer",
+    "PrefixSharedGRPOConfig",
+    "PrefixSharedGRPOTrainer",
+    "PrefixSharedRLOOConfig",
+    "PrefixSharedRLOOTrainer",
     "PrefixSharedORPOConfig",
     "PrefixSharedORPOTrainer",
     "PrefixSharedRewardConfig",

@@ -3,7 +3,8 @@
 The trainers override or call TRL methods that are not public API, and the attention switch uses transformers'
 registries. On a TRL or transformers release where one of them is missing, the package fails at import with one
 error naming the supported range and every missing hook, instead of an AttributeError in the middle of a run.
-ORPO and CPO live in `trl.experimental` (whose import warns): their hooks are checked when their trainers load.
+ORPO and CPO live in `trl.experimental` (whose import warns): their hooks are checked when their trainers load, and
+GRPO / RLOO hooks when the online trainers load.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ CORE_HOOKS = (
     Hook("trl.trainer.reward_trainer", "DataCollatorForPreference", "the reward trainer's stock batch"),
     Hook("trl.trainer.reward_trainer:RewardTrainer", "_prepare_dataset", "ranked lists and validation"),
     Hook("trl.trainer.reward_trainer:RewardTrainer", "_set_signature_columns_if_needed", "ranked-list columns"),
+)
+
+#: The online trainers' one hook: the per-token log-prob pass of the policy, old-policy and reference forwards.
+ONLINE_HOOKS = tuple(
+    Hook(f"trl.trainer.{module}:{name}", attribute, why)
+    for module, name in (("grpo_trainer", "GRPOTrainer"), ("rloo_trainer", "RLOOTrainer"))
+    for attribute, why in (
+        ("_get_per_token_logps_and_entropies", "replaced by the packed log-prob pass"),
+        ("_compute_loss", "builds the left-padded prompt + completion rows that are packed"),
+    )
 )
 
 PAIRED_HOOKS = tuple(

@@ -22,6 +22,9 @@ from trl_prefix_share.core.installer import install_or_fall_back, model_to_patch
 from trl_prefix_share.core.online_support import enable_online_prefix_sharing, verify_online_forward
 from trl_prefix_share.core.options import packing_options
 from trl_prefix_share.core.token_metrics import log_token_counts
+from trl_prefix_share.core.trl_compat import ONLINE_HOOKS, check_hooks
+
+check_hooks(ONLINE_HOOKS)
 
 logger = logging.getLogger(__name__)
 
