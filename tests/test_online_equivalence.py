@@ -162,7 +162,11 @@ def test_short_train_matches_stock(trainer_pair, config_cls, family, fields, mod
     for trainer_cls in trainer_pair:
         args = online_args(config_cls, per_device_train_batch_size=8, max_steps=2, **TRAIN_OPTIMIZER, **fields)
         trainer = trainer_cls(
-            model=model_dir(family), reward_funcs=vowel_reward, args=args, train_dataset=dataset, processing_class=tokenizer
+            model=model_dir(family),
+            reward_funcs=vowel_reward,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
         )
         initial = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
         torch.manual_seed(0)
