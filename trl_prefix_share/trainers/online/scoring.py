@@ -15,6 +15,7 @@ import weakref
 from typing import Any
 
 import torch
+from trl.extras.profiling import profiling_decorator
 
 from trl_prefix_share.core.collator import PACKED_KEY
 from trl_prefix_share.core.completion_rows import UnshareableRows, chunk_by_prompt, pack_completion_rows, read_rows
@@ -46,6 +47,7 @@ class PrefixSharedScoringMixin:
             self, models, enable_online_prefix_sharing, verify_online_forward, kernel
         )
 
+    @profiling_decorator  # TRL's own timing of this pass (its `profiling/Time taken: ...` metric), as in stock
     def _get_per_token_logps_and_entropies(
         self,
         model,
@@ -60,7 +62,11 @@ class PrefixSharedScoringMixin:
         def stock():
             if compute_entropy:  # the policy pass: one token count per micro-batch, like the preference trainers
                 log_token_counts(self, input_ids.numel(), input_ids.numel())
-            return super(PrefixSharedScoringMixin, self)._get_per_token_logps_and_entropies(
+            # TRL's pass without its profiling wrapper: this method's own wrapper already times the call
+            stock_pass = super(PrefixSharedScoringMixin, type(self))._get_per_token_logps_and_entropies
+            stock_pass = getattr(stock_pass, "__wrapped__", stock_pass)
+            return stock_pass(
+                self,
                 model,
                 input_ids,
                 attention_mask,
