@@ -66,16 +66,49 @@ def test_other_trainer_recipes_run(command, recipe, tiny_model, tmp_path, capsys
         assert config["architectures"][0].endswith("ForSequenceClassification")
 
 
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_online_recipes_run(command, tiny_model, tmp_path, capsys, monkeypatch):
+    """TRL's grpo / rloo script with our trainer: the reward function comes by import path, as in TRL's script."""
+    monkeypatch.chdir(REPO)
+    recipe = f"recipes/{command}_tiny_cpu.yaml"
+    main([command, "--config", recipe, "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    ratio = re.search(r"stock TRL: [\d,]+, ([\d.]+)x\)", out)
+    assert ratio and float(ratio.group(1)) > 1.0
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_reward_functions_resolve_like_trl_scripts(monkeypatch):
+    from types import SimpleNamespace
+
+    from trl_prefix_share.commands.online import resolve_reward, reward_functions
+
+    monkeypatch.chdir(REPO)
+    assert resolve_reward("recipes.rewards.vowel_reward")(["aei", "b"]) == [3.0, 0.0]
+    assert callable(resolve_reward("think_format_reward"))
+    with pytest.raises(ValueError, match="Unknown reward function 'nonsense'"):
+        resolve_reward("nonsense")
+    with pytest.raises(ValueError, match="Could not import reward function 'recipes.rewards.missing'"):
+        resolve_reward("recipes.rewards.missing")
+    with pytest.raises(ValueError, match="reward_funcs"):
+        reward_functions(SimpleNamespace(reward_model_name_or_path=None, reward_funcs=None))
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_every_recipe_parses_with_its_command(recipe):
     """Each recipe's fields exist in its command's dataclasses (a typo would fail the user's run at start)."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
     from trl_prefix_share.commands.cli import TRAINER_COMMANDS, StepwiseArguments, _import
+    from trl_prefix_share.commands.online import ONLINE_COMMANDS, script_arguments
 
     name = recipe.split("_")[0]
-    command = TRAINER_COMMANDS["cpo" if name == "simpo" else "dpo" if name == "sdpo" else name]
-    types = [ScriptArguments, _import(command.config), ModelConfig, DatasetMixtureConfig]
+    if name in ONLINE_COMMANDS:
+        _, config, _ = ONLINE_COMMANDS[name]
+        types = [script_arguments(name), _import(config), ModelConfig, DatasetMixtureConfig]
+    else:
+        command = TRAINER_COMMANDS["cpo" if name == "simpo" else "dpo" if name == "sdpo" else name]
+        types = [ScriptArguments, _import(command.config), ModelConfig, DatasetMixtureConfig]
     if name == "sdpo":
         types.append(StepwiseArguments)
     parsed = TrlParser(types).parse_args_and_config(

@@ -1,6 +1,7 @@
 """`trl-prefix-share`: TRL-style training commands with prefix sharing.
 
     trl-prefix-share dpo  --config recipes/dpo_tiny_cpu.yaml [--flag value ...]   (also orpo, cpo, reward)
+    trl-prefix-share grpo --config recipes/grpo_tiny_cpu.yaml                     (also rloo)
     trl-prefix-share sdpo --config recipes/sdpo_tiny_cpu.yaml --sdpo_num_chunks 3
     trl-prefix-share estimate --dataset FILE_OR_NAME --tokenizer NAME_OR_DIR
     trl-prefix-share bench --trainer dpo --dataset hh_harmless --json out.json --plot out.png
@@ -242,6 +243,13 @@ def run_make_tiny_model(argv: list[str]) -> None:
     print(f"[trl-prefix-share] tiny {args.family} model saved to {args.output_dir}")
 
 
+def run_online(name: str, argv: list[str]) -> None:
+    """`grpo` / `rloo`: TRL's online RL scripts (reward functions by name or import path) with our trainers."""
+    from trl_prefix_share.commands.online import run_online_trainer
+
+    run_online_trainer(name, argv)
+
+
 def run_estimate(argv: list[str]) -> None:
     """`estimate --dataset X --tokenizer Y`: tokens stock TRL would run vs ours, without a model."""
     from trl_prefix_share.commands.estimate import run_estimate as estimate
@@ -262,6 +270,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "cpo": (partial(run_trainer, "cpo"), "CPO / SimPO (`loss_type: simpo`) with prefix sharing"),
     "reward": (partial(run_trainer, "reward"), "reward model with prefix sharing (a TRL `reward` recipe works as is)"),
     "sdpo": (run_sdpo, "stepwise DPO: the reference moves to the previous step's model"),
+    "grpo": (partial(run_online, "grpo"), "GRPO, each prompt run once for its completions (a TRL `grpo` recipe)"),
+    "rloo": (partial(run_online, "rloo"), "RLOO, each prompt run once for its completions (a TRL `rloo` recipe)"),
     "bench": (run_bench, "time stock TRL vs prefix sharing end to end (ratios, tokens, memory, ablations)"),
     "estimate": (run_estimate, "expected token savings of a dataset, without loading a model"),
     "make-tiny-model": (run_make_tiny_model, "build a tiny random model from a config (no download)"),
@@ -275,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("usage: trl-prefix-share COMMAND [--config recipe.yaml] [options]\n\ncommands:\n" + "\n".join(lines))
         raise SystemExit(0 if argv and argv[0] in {"-h", "--help"} else 2)
     command, *rest = argv
-    if command in TRAINER_COMMANDS or command == "sdpo":
+    if command in TRAINER_COMMANDS or command in {"sdpo", "grpo", "rloo"}:
         from trl_prefix_share.commands.launch import accelerate_relaunch, run_launch
 
         relaunch = accelerate_relaunch(command, rest)  # None without --accelerate_config
