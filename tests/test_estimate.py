@@ -164,3 +164,72 @@ def test_estimate_command_on_a_random_sample(tmp_path, capsys):
     assert "(random sample of 12 of 60 examples)" in capsys.readouterr().out
     (entry,) = json.loads(out.read_text())["estimates"]
     assert entry["examples"] + entry["dropped"] == 12 and entry["implicit_prompt"]
+
+
+# -- GRPO / RLOO -------------------------------------------------------------------------------------------------------
+
+
+def test_online_estimate_counts_what_grpo_logs(model_dir, tokenizer):
+    """One epoch of PrefixSharedGRPOTrainer (completions run to max_completion_length: a tiny random model never
+    stops early) logs exactly the stock and packed tokens the estimate counts for its policy passes."""
+    from online_setup import online_args, real_prompts, vowel_reward
+    from trl import GRPOConfig
+
+    from trl_prefix_share import PrefixSharedGRPOTrainer
+    from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_lengths
+
+    dataset = real_prompts(6, offset=80, conversational=True)
+    args = online_args(GRPOConfig, per_device_train_batch_size=8, num_train_epochs=1, save_strategy="no")
+    trainer = PrefixSharedGRPOTrainer(
+        model=model_dir("llama"),
+        reward_funcs=vowel_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = trainer.prefix_share_totals
+    prompts = prompt_lengths(dataset, tokenizer)
+    completions = np.full(len(prompts), args.max_completion_length)
+    estimate = count_online_tokens(prompts, completions, args.num_generations, 8, seed=args.seed)
+    assert estimate.micro_batches == 3
+    assert (estimate.stock_tokens, estimate.tokens) == (logged["stock_tokens"], logged["tokens"])
+
+
+def test_online_estimate_arithmetic_and_command(tmp_path, capsys):
+    from trl_prefix_share.commands.estimate.online import count_online_tokens
+
+    # Two prompts (10 and 4 tokens), G = 2, completions of 3: stock pads to 10 + 3 per row.
+    estimate = count_online_tokens(np.array([10, 4]), np.array([3, 3]), 2, 4, shuffle=False)
+    assert estimate.stock_tokens == 4 * 13
+    assert estimate.unpadded_tokens == 2 * 13 + 2 * 7
+    assert estimate.tokens == (10 + 2 * 4 - 1) + (4 + 2 * 4 - 1)
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        count_online_tokens(np.array([10]), np.array([3]), 4, 6)
+    out = tmp_path / "online.json"
+    main(
+        [
+            "estimate",
+            "--trainer",
+            "grpo",
+            "--dataset",
+            str(DATA / DATASETS["pandalm"]),
+            "--tokenizer",
+            str(TOKENIZER_DIR),
+            "--limit",
+            "64",
+            "--batch-size",
+            "16",
+            "--num-generations",
+            "8",
+            "--max-completion-length",
+            "64",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "GRPO: one log-prob pass" in printed and "vs stock" in printed
+    payload = json.loads(out.read_text())
+    assert payload["trainer"] == "grpo" and payload["estimates"][0]["ratio"] > 1.0

@@ -21,9 +21,20 @@ def _optional_int(value: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trl-prefix-share estimate",
-        description="Tokens stock TRL's DPOTrainer would process on a preference dataset vs prefix sharing, and the "
-        "speedup to expect. No model is loaded.",
+        description="Tokens stock TRL's DPOTrainer (or GRPO/RLOO: --trainer grpo) would process on a dataset vs "
+        "prefix sharing, and the speedup to expect. No model is loaded.",
     )
+    parser.add_argument(
+        "--trainer", choices=["dpo", "grpo", "rloo"], default="dpo", help="dpo: preference pairs; grpo/rloo: prompts"
+    )
+    parser.add_argument("--num-generations", type=int, default=8, help="grpo/rloo: completions per prompt (G)")
+    parser.add_argument("--max-completion-length", type=int, default=256, help="grpo/rloo: TRL's field")
+    parser.add_argument(
+        "--completion-column",
+        default=None,
+        help="grpo/rloo: measure completion lengths from this column (capped); default: all max-completion-length",
+    )
+    parser.add_argument("--steps-per-generation", type=int, default=1, help="grpo/rloo: TRL's steps_per_generation")
     parser.add_argument("--dataset", required=True, help="a .jsonl/.json/.parquet/.csv file or a hub dataset name")
     parser.add_argument("--dataset-config", default=None, help="hub dataset configuration name")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
@@ -55,6 +66,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limit(dataset, args: argparse.Namespace):
+    if args.limit is not None:
+        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    if args.sample is not None and args.sample < len(dataset):
+        picked = np.random.default_rng(args.seed).choice(len(dataset), args.sample, replace=False)
+        dataset = dataset.select(np.sort(picked))
+    return dataset
+
+
+def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
+    """`--trainer grpo|rloo`: prompt lengths from the data, completion lengths given or measured."""
+    from trl_prefix_share.commands.estimate.online import (
+        completion_lengths,
+        count_online_tokens,
+        format_online_report,
+        prompt_lengths,
+    )
+
+    if "prompt" not in dataset.column_names:
+        raise SystemExit(f"--trainer {args.trainer} needs a `prompt` column; {args.dataset} has {dataset.column_names}")
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompts = prompt_lengths(dataset, tokenizer)
+    completions = completion_lengths(dataset, tokenizer, args.completion_column, args.max_completion_length)
+    source = f"column {args.completion_column!r}" if args.completion_column else "all max_completion_length"
+    estimates = [
+        count_online_tokens(
+            prompts,
+            completions,
+            args.num_generations,
+            batch_size,
+            args.steps_per_generation,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            completion_source=source,
+        )
+        for batch_size in args.batch_size
+    ]
+    print(format_online_report(estimates, title))
+    if args.json:
+        payload = {"dataset": args.dataset, "tokenizer": args.tokenizer, "trainer": args.trainer}
+        payload["estimates"] = [e.to_dict() for e in estimates]
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
 def run_estimate(argv: list[str]) -> None:
     """The `estimate` command: tokenize once, count for each batch size, print the table (and write JSON)."""
     args = build_parser().parse_args(argv)
@@ -64,6 +119,10 @@ def run_estimate(argv: list[str]) -> None:
         disable_progress_bars()
     dataset = load_preference_dataset(args.dataset, args.split, args.dataset_config)
     title = f"trl-prefix-share estimate: {args.dataset} with tokenizer {args.tokenizer}"
+    if args.trainer != "dpo":
+        dataset = _limit(dataset, args)
+        run_online_estimate(dataset, args, f"{title} ({args.trainer.upper()}: one log-prob pass)")
+        return
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     if args.sample is not None and args.sample < len(dataset):

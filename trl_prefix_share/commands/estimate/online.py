@@ -1,0 +1,152 @@
+"""`estimate --trainer grpo|rloo`: tokens of one log-prob pass, stock TRL vs prefix sharing, without a model.
+
+A group is one prompt of P tokens and its G completions of R_g tokens. Stock TRL scores every row padded to the
+micro-batch's longest prompt (left) and completion (right): B x (max P + max R). Unpadded that is sum_g (P + R_g); the
+prefix-shared pass lays the prompt out once: P + sum_g (R_g + 1) (the last prompt token heads each branch). The token
+limit of a group is G(P+R) / (P+GR). Every pass (policy forward, old policy when `num_iterations > 1`, reference when
+`beta > 0`) has the same ratio.
+
+Completion lengths are all `max_completion_length` (what early RL steps produce, and the upper bound), or the
+tokenized length of a dataset column (e.g. reference answers) capped at it. Micro-batches: the generation batch of
+`batch_size x steps_per_generation` rows (whole groups of G, prompts in the sampler's seeded order) is shuffled and
+split into `steps_per_generation` micro-batches, as TRL does; with 1 each micro-batch holds whole groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from trl.data_utils import is_conversational
+
+from trl_prefix_share.commands.estimate.counting import sampler_order
+from trl_prefix_share.commands.estimate.results import LengthStats
+
+
+@dataclass
+class OnlineEstimate:
+    """Token counts of one epoch's log-prob passes (one pass; multiply by the passes a config runs)."""
+
+    prompts: int
+    num_generations: int
+    batch_size: int
+    steps_per_generation: int
+    micro_batches: int
+    stock_tokens: int
+    unpadded_tokens: int
+    tokens: int
+    prompt: LengthStats
+    completion: LengthStats
+    completion_source: str
+
+    @property
+    def ratio(self) -> float:
+        return self.stock_tokens / max(self.tokens, 1)
+
+    @property
+    def unpadded_ratio(self) -> float:
+        return self.unpadded_tokens / max(self.tokens, 1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio, "unpadded_ratio": self.unpadded_ratio}
+
+
+def prompt_lengths(dataset, tokenizer) -> np.ndarray:
+    """Prompt tokens as TRL's GRPO/RLOO tokenize them: chat template with the generation prompt, or plain text."""
+    prompts = dataset["prompt"]
+    if not prompts:
+        return np.zeros(0, dtype=np.int64)
+    if is_conversational({"prompt": prompts[0]}):
+        ids = [
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for p in prompts
+        ]
+    else:
+        ids = tokenizer(list(prompts))["input_ids"]
+    return np.array([len(i) for i in ids], dtype=np.int64)
+
+
+def completion_lengths(dataset, tokenizer, column: str | None, max_completion_length: int) -> np.ndarray:
+    """Per prompt: the tokenized length of `column` (capped), or `max_completion_length` for every prompt."""
+    if column is None:
+        return np.full(len(dataset), max_completion_length, dtype=np.int64)
+    texts = [t if isinstance(t, str) else t[-1]["content"] for t in dataset[column]]
+    lengths = np.array([len(i) for i in tokenizer(texts, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+    return np.minimum(lengths + 1, max_completion_length)  # + EOS, as generation ends
+
+
+def count_online_tokens(
+    prompts: np.ndarray,
+    completions: np.ndarray,
+    num_generations: int,
+    batch_size: int,
+    steps_per_generation: int = 1,
+    shuffle: bool = True,
+    seed: int = 42,
+    completion_source: str = "max_completion_length",
+) -> OnlineEstimate:
+    """Sum one pass's tokens over the micro-batches of one epoch (the last generation batch may be short)."""
+    if batch_size % num_generations and steps_per_generation == 1:
+        raise ValueError(f"batch size {batch_size} is not a multiple of num_generations={num_generations}")
+    order = sampler_order(len(prompts), shuffle, seed)
+    rows_prompt = np.repeat(order, num_generations)  # the sampler repeats each prompt G times in a row
+    generation_rows = batch_size * steps_per_generation
+    rng = np.random.default_rng(seed)
+    stock = unpadded = ours = micro_batches = 0
+    for start in range(0, len(rows_prompt), generation_rows):
+        rows = rows_prompt[start : start + generation_rows]
+        if steps_per_generation > 1:
+            rows = rows[rng.permutation(len(rows))]
+        for micro in np.array_split(rows, max(1, -(-len(rows) // batch_size))):
+            p, c = prompts[micro], completions[micro]
+            stock += len(micro) * int(p.max() + c.max())
+            unpadded += int((p + c).sum())
+            groups = np.unique(micro)
+            ours += int(prompts[groups].sum()) + int((c + 1).sum()) - len(groups)
+            micro_batches += 1
+    return OnlineEstimate(
+        prompts=len(prompts),
+        num_generations=num_generations,
+        batch_size=batch_size,
+        steps_per_generation=steps_per_generation,
+        micro_batches=micro_batches,
+        stock_tokens=stock,
+        unpadded_tokens=unpadded,
+        tokens=ours,
+        prompt=LengthStats.of(prompts),
+        completion=LengthStats.of(completions),
+        completion_source=completion_source,
+    )
+
+
+def format_online_report(estimates: list[OnlineEstimate], title: str) -> str:
+    """A table: one line per batch size."""
+    first = estimates[0]
+    lines = [
+        title,
+        f"prompts: {first.prompts:,} ({_describe(first.prompt)} tokens); completions ({first.completion_source}): "
+        f"{_describe(first.completion)} tokens; G = {first.num_generations}",
+        "",
+        f"{'batch':>6} {'steps/gen':>9} {'stock tokens':>14} {'unpadded':>14} {'ours':>14} {'vs stock':>9} "
+        f"{'vs unpadded':>12}",
+    ]
+    for e in estimates:
+        lines.append(
+            f"{e.batch_size:>6} {e.steps_per_generation:>9} {e.stock_tokens:>14,} {e.unpadded_tokens:>14,} "
+            f"{e.tokens:>14,} {e.ratio:>8.2f}x {e.unpadded_ratio:>11.2f}x"
+        )
+    lines += [
+        "",
+        "Per log-prob pass: the policy forward (with gradients), the old-policy pass (num_iterations > 1) and the",
+        "reference pass (beta > 0) each run these tokens. Generation is not counted (it is unchanged).",
+    ]
+    if any(e.steps_per_generation > 1 for e in estimates):
+        lines.append(
+            "steps_per_generation > 1: TRL shuffles the generation batch before splitting it, so a micro-batch holds"
+            " only some of a prompt's completions."
+        )
+    return "\n".join(lines)
+
+
+def _describe(stats: LengthStats) -> str:
+    return f"mean {stats.mean:.0f}, median {stats.median:.0f}, p95 {stats.p95:.0f}, max {stats.max}"
