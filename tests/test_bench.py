@@ -156,3 +156,53 @@ def test_sharing_alone_uses_median_and_best_of_rounds():
     assert median == 3.0 and best == 1.5
     table = format_table(report, summarize(report))
     assert "3.00x speed (best of rounds 1.50x), 1.50x tokens: 2.00 (1.00) of the unpadded limit" in table
+
+
+def test_online_bench_splits_steps_with_trl_profiling(tmp_path, capsys):
+    """`bench --trainer grpo rloo`: both trainers, stock and ours alternate, each timed step is split into
+    generation, rewards and the training side (TRL's profiling), and the token limit comes from our trainer."""
+    out = tmp_path / "online.json"
+    main(
+        [
+            "bench",
+            "--trainer",
+            "grpo",
+            "rloo",
+            "--model-preset",
+            "tiny",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--dataset",
+            "pandalm-short",
+            "--num-generations",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--max-completion-length",
+            "4",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert "token limit" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert [(r["kind"], r["variant"]) for r in payload["runs"]] == [
+        ("grpo", "stock"),
+        ("grpo", "ours"),
+        ("rloo", "stock"),
+        ("rloo", "ours"),
+    ]
+    for run in payload["runs"]:
+        assert len(run["step_seconds"]) == 1 and run["generation_seconds"][0] > 0
+        assert 0 < run["training_seconds"][0] < run["step_seconds"][0]
+    ours = [r for r in payload["runs"] if r["variant"] == "ours"]
+    assert all(r["stock_tokens"] > r["tokens"] > 0 for r in ours)
+    assert {c["kind"] for c in payload["summary"]} == {"grpo", "rloo"}
+    with pytest.raises(SystemExit):
+        main(["bench", "--trainer", "grpo", "dpo"])  # online and preference kinds run separately

@@ -11,12 +11,15 @@ from pathlib import Path
 
 from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, SHORT_NAMES
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape
+from trl_prefix_share.commands.bench.online import ONLINE_KINDS, PROMPT_SETS
 from trl_prefix_share.commands.bench.trainers import KINDS, VARIANTS
 
 EXAMPLE = """examples:
   trl-prefix-share bench --trainer dpo --dataset hh_harmless ultrafeedback --json out.json --plot out.png
   trl-prefix-share bench --trainer dpo orpo simpo reward --variants stock ours
   trl-prefix-share bench --model-preset qwen2.5-0.5b --dataset my_prefs.jsonl --tokenizer Qwen/Qwen2.5-0.5B
+  trl-prefix-share bench --trainer grpo rloo --model-preset smollm-135m --json online.json
+    (online RL: prompt sets ultrafeedback-long and pandalm-short by default; G = --num-generations)
 """
 
 
@@ -66,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--trainer", nargs="+", choices=KINDS, default=["dpo"], help="trainer kinds")
+    parser.add_argument(
+        "--trainer", nargs="+", choices=KINDS + ONLINE_KINDS, default=["dpo"], help="trainer kinds (not mixed)"
+    )
     parser.add_argument(
         "--dataset",
         nargs="+",
@@ -75,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer name or directory")
     parser.add_argument("--model", default=None, help="a model name or directory (default: built from a config)")
-    parser.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny", help="shape of the built model")
+    parser.add_argument(
+        "--model-preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="shape of the built model (default: tiny; smollm-135m for grpo/rloo)",
+    )
     parser.add_argument("--family", default=None, help="override the preset's model_type (llama, qwen2, ...)")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
@@ -95,12 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, default=None, help="write every measurement to this JSON file")
     parser.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG; needs matplotlib)")
+    online = parser.add_argument_group("online RL (--trainer grpo rloo)")
+    online.add_argument("--num-generations", type=int, default=8, help="completions per prompt (G)")
+    online.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (batch = this x G)")
+    online.add_argument("--max-completion-length", type=int, default=32)
+    online.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 adds the reference pass)")
     return parser
 
 
 def shape_from(args: argparse.Namespace) -> ModelShape:
     """The preset with any explicit overrides."""
-    preset = PRESETS[args.model_preset]
+    preset = PRESETS[args.model_preset or "tiny"]
     heads = args.heads or preset.heads
     return ModelShape(
         family=args.family or preset.family,
@@ -119,6 +134,10 @@ def run_bench(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be >= 1")
+    online = [kind for kind in args.trainer if kind in ONLINE_KINDS]
+    if online and len(online) != len(args.trainer):
+        parser.error("online (grpo, rloo) and preference trainers run separately: give one group to --trainer")
+    args.model_preset = args.model_preset or ("smollm-135m" if online else "tiny")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per run
     import torch
@@ -128,6 +147,9 @@ def run_bench(argv: list[str]) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if online:
+        run_online(args)
+        return
     settings = BenchSettings(
         trainers=args.trainer,
         datasets=args.dataset,
@@ -166,3 +188,44 @@ def run_bench(argv: list[str]) -> None:
             print(f"chart: {args.plot}")
         except ImportError:
             print("chart skipped: matplotlib is not installed (pip install 'trl-prefix-share[plot]')")
+
+
+def run_online(args: argparse.Namespace) -> None:
+    """`--trainer grpo rloo`: the online benchmark (its own table and JSON; no chart)."""
+    import transformers
+
+    from trl_prefix_share.commands.bench.online import (
+        OnlineSettings,
+        format_online_table,
+        online_payload,
+        run_online_benchmark,
+        summarize_online,
+    )
+
+    transformers.logging.set_verbosity_error()
+    datasets = args.dataset if args.dataset != ["hh_harmless"] else list(PROMPT_SETS)
+    settings = OnlineSettings(
+        trainers=args.trainer,
+        datasets=datasets,
+        tokenizer=args.tokenizer,
+        model=args.model,
+        shape=shape_from(args),
+        num_generations=args.num_generations,
+        prompts_per_step=args.prompts_per_step,
+        max_completion_length=args.max_completion_length,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        beta=args.beta,
+        gradient_checkpointing=args.gradient_checkpointing != "off",
+        seed=args.seed,
+        device=args.device,
+    )
+    model = settings.model or settings.shape.describe()
+    print(f"[trl-prefix-share bench] online RL, {model}, {settings.rounds} rounds x {settings.steps} steps", flush=True)
+    runs = run_online_benchmark(settings, log=lambda line: print(line, flush=True))
+    cells = summarize_online(runs)
+    print(format_online_table(settings, cells))
+    if args.json is not None:
+        args.json.write_text(json.dumps(online_payload(settings, runs, cells), indent=2, default=str))
+        print(f"\nJSON: {args.json}")
