@@ -38,9 +38,11 @@ def masked_relative(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Te
     return relative_difference(actual[mask], expected[mask])
 
 
-def with_edge_rows(inputs: dict) -> dict:
+def with_edge_rows(inputs: dict, tool_tokens: bool = False) -> dict:
     """The generation batch with one completion fully masked (what `mask_truncated_completions` does to a truncated
-    one), one cut short (an early EOS) and one equal to its neighbour's (identical completions are scored once)."""
+    one), one cut short (an early EOS) and one equal to its neighbour's (identical completions are scored once).
+    `tool_tokens`: a multi-turn completion whose middle tokens are a tool's output (attended to, not trained on:
+    TRL's `tool_mask`)."""
     edited = dict(inputs)
     completion_ids = inputs["completion_ids"].clone()
     completion_mask = inputs["completion_mask"].clone()
@@ -49,6 +51,10 @@ def with_edge_rows(inputs: dict) -> dict:
     completion_ids[5] = completion_ids[4]
     completion_mask[5] = completion_mask[4]
     edited["completion_ids"], edited["completion_mask"] = completion_ids, completion_mask
+    if tool_tokens:
+        tool_mask = torch.ones_like(completion_mask)
+        tool_mask[6, 2:5] = 0
+        edited["tool_mask"] = tool_mask
     return edited
 
 
@@ -89,13 +95,14 @@ def test_grpo_loss_grads_and_metrics_match_stock(grpo_pair, loss_type):
 
 
 def test_grpo_edge_rows_entropy_mask_and_sequence_level_match_stock(grpo_pair):
-    """Empty, short and repeated completions; entropy masking (a quantile gathered over the batch); sequence-level
-    importance sampling."""
+    """Empty, short and repeated completions, tool-output tokens; entropy masking (a quantile gathered over the
+    batch); sequence-level importance sampling."""
     stock, ours, inputs, _ = grpo_pair
     for trainer in (stock, ours):
         trainer.loss_type, trainer.importance_sampling_level, trainer.top_entropy_quantile = "grpo", "sequence", 0.5
     try:
-        assert_equivalent(stock, ours, with_edge_rows(inputs), with_edge_rows(inputs))
+        edited = with_edge_rows(inputs, tool_tokens=True)
+        assert_equivalent(stock, ours, edited, edited)
     finally:
         for trainer in (stock, ours):
             trainer.top_entropy_quantile = 1.0
@@ -145,11 +152,20 @@ TRAIN_OPTIMIZER = dict(optim="sgd", learning_rate=0.5)
     ("trainer_pair", "config_cls", "family", "fields"),
     [
         # several micro-batches per generation (groups split by TRL's shuffle), accumulation, the reference pass
+        # synced into the policy after every step (`sync_ref_model`)
         (
             (GRPOTrainer, PrefixSharedGRPOTrainer),
             GRPOConfig,
             "llama",
-            dict(beta=0.1, steps_per_generation=2, gradient_accumulation_steps=2, loss_type="grpo"),
+            dict(
+                beta=0.1,
+                steps_per_generation=2,
+                gradient_accumulation_steps=2,
+                loss_type="grpo",
+                sync_ref_model=True,
+                ref_model_sync_steps=1,
+                ref_model_mixup_alpha=0.5,
+            ),
         ),
         # beta = 0 (no reference), gradient checkpointing, the default loss
         ((RLOOTrainer, PrefixSharedRLOOTrainer), RLOOConfig, "qwen2", dict(beta=0.0, gradient_checkpointing=True)),
