@@ -71,15 +71,30 @@ def hh_rows():
 SECOND_FAMILY_LOSS_TYPES = ["sigmoid", "ipo", "robust", "bco_pair", "sppo_hard", "discopop"]
 
 
-@pytest.mark.parametrize(("family", "loss_types"), [("llama", ALL_LOSS_TYPES), ("qwen2", SECOND_FAMILY_LOSS_TYPES)])
-def test_every_loss_type_matches_stock(family, loss_types, model_dir, tokenizer, hh_rows):
-    stock, ours = make_pair(model_dir(family), tokenizer, hh_rows)
-    stock_batch, our_batch = first_batch(stock, BATCH), first_batch(ours, BATCH)
-    for loss_type in loss_types:
-        smoothing = 0.1 if loss_type in {"exo_pair", "robust", "aot", "aot_unpaired"} else 0.0
-        for trainer in (stock, ours):
-            trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], smoothing
-        assert_equivalent(stock, ours, stock_batch, our_batch)
+@pytest.fixture(scope="module")
+def loss_type_pairs(model_dir, tokenizer, hh_rows):
+    """Factory: (stock, ours, stock batch, our batch) of a family, built once per module (and per test worker)."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str) -> tuple:
+        if family not in cache:
+            stock, ours = make_pair(model_dir(family), tokenizer, hh_rows)
+            cache[family] = (stock, ours, first_batch(stock, BATCH), first_batch(ours, BATCH))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("family", "loss_type"),
+    [("llama", t) for t in ALL_LOSS_TYPES] + [("qwen2", t) for t in SECOND_FAMILY_LOSS_TYPES],
+)
+def test_every_loss_type_matches_stock(family, loss_type, loss_type_pairs):
+    stock, ours, stock_batch, our_batch = loss_type_pairs(family)
+    smoothing = 0.1 if loss_type in {"exo_pair", "robust", "aot", "aot_unpaired"} else 0.0
+    for trainer in (stock, ours):
+        trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], smoothing
+    assert_equivalent(stock, ours, stock_batch, our_batch)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
