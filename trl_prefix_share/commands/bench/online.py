@@ -30,7 +30,7 @@ from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_mo
 ONLINE_KINDS = ("grpo", "rloo")
 #: Prompt sets by name: (data file short name, shortest and longest prompt kept, in tokens).
 PROMPT_SETS = {
-    "ultrafeedback-long": ("ultrafeedback", 256, 768),
+    "ultrafeedback-long": ("ultrafeedback", 256, 512),
     "pandalm-short": ("pandalm", 1, 10_000),
 }
 

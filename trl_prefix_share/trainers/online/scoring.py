@@ -117,7 +117,8 @@ class PrefixSharedScoringMixin:
     def _packed_chunks(self, input_ids, attention_mask, logits_to_keep, batch_size):
         """(rows, packed layout) per chunk; reused while the same rows are scored again (old policy, reference)."""
         cached = self._prefix_share_layouts
-        key = (input_ids.shape, attention_mask.data_ptr(), logits_to_keep, batch_size)
+        key = (input_ids.shape, input_ids._version, attention_mask.data_ptr(), attention_mask._version)
+        key += (logits_to_keep, batch_size)
         if cached is not None and cached[0]() is input_ids and cached[1] == key:
             return cached[2]
         rows_total = input_ids.size(0)
