@@ -98,6 +98,25 @@ def build_tiny_model(
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def tiny_moe_config(vocab_size: int, **overrides):
+    """A 2-layer Qwen3-MoE config (4 experts, top 2) with the router's load-balancing loss on."""
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.5,
+        output_router_logits=True,
+    )
+    return AutoConfig.for_model("qwen3_moe", **{**fields, **overrides})
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer):
     """Factory: path of a saved tiny model of a family (built once per session)."""

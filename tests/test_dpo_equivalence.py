@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import conversational, load_dataset_rows
+from conftest import conversational, load_dataset_rows, tiny_moe_config
 from equivalence import (
     assert_equivalent,
     build_pair,
@@ -281,23 +281,9 @@ def test_gradient_accumulation_and_sync_ref_model(model_dir, tokenizer, hh_rows)
 def test_moe_aux_loss_matches_stock(tokenizer, hh_rows, tmp_path):
     """MoE with the router's load-balancing loss on: each packed token is weighted by the stock rows holding it (a
     shared prompt token by both), so the aux loss, the total loss and the gradients equal stock's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        "qwen3_moe",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=0.5,
-        output_router_logits=True,
-    )
+    config = tiny_moe_config(len(tokenizer))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float64).save_pretrained(tmp_path)
     stock, ours = make_pair(str(tmp_path), tokenizer, hh_rows)

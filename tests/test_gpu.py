@@ -72,3 +72,41 @@ def test_bf16_error_is_bf16s_own(family, model_dir, tokenizer):
     stock_grad_error = sum(relative_difference(stock_grads[n], g) for n, g in reference_grads.items())
     our_grad_error = sum(relative_difference(our_grads[n], g) for n, g in reference_grads.items())
     assert our_grad_error <= 3 * stock_grad_error + 1e-2
+
+
+def test_grpo_flex_kernel_fp32_matches_stock(model_dir, tokenizer):
+    """GRPO on the CUDA path: the generation step's reference log-probs and the policy step's loss and gradients."""
+    from equivalence import assert_equivalent
+    from online_setup import generate_and_score, generation_batch, online_args, real_prompts, vowel_reward
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_prefix_share import PrefixSharedGRPOTrainer
+
+    dataset = real_prompts(2)
+
+    def make(cls):
+        args = online_args(
+            GRPOConfig,
+            per_device_train_batch_size=8,
+            beta=0.1,
+            use_cpu=False,
+            model_init_kwargs={"dtype": torch.float32},
+        )
+        trainer = cls(
+            model=model_dir("qwen2"),
+            reward_funcs=vowel_reward,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.current_gradient_accumulation_steps = 1
+        return trainer
+
+    stock, ours = make(GRPOTrainer), make(PrefixSharedGRPOTrainer)
+    assert ours.prefix_share_kernel == "flex"
+    batch = generation_batch(dataset, 2)
+    expected, actual = generate_and_score(stock, batch), generate_and_score(ours, batch)
+    mask = expected["completion_mask"].bool()
+    ref = relative_difference(actual["ref_per_token_logps"][mask], expected["ref_per_token_logps"][mask])
+    assert ref <= 10 * RELATIVE_TOLERANCE  # same 10x guess as the DPO fp32 check above
+    assert_equivalent(stock, ours, expected, expected, tolerance=10 * RELATIVE_TOLERANCE)

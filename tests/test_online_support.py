@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_moe_config
 from equivalence import RELATIVE_TOLERANCE, assert_equivalent, perturb, relative_difference
 from online_setup import NUM_GENERATIONS, generate_and_score, generation_batch, online_args, real_prompts, vowel_reward
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -160,21 +161,7 @@ def test_batch_without_shared_prompts_is_exact(llama_pair):
 
 
 def test_moe_aux_loss_matches_stock(tmp_path, tokenizer):
-    config = AutoConfig.for_model(
-        "qwen3_moe",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        head_dim=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=0.5,
-        output_router_logits=True,
-    )
+    config = tiny_moe_config(len(tokenizer))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float64).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import conversational, read_jsonl
+from conftest import conversational, read_jsonl, tiny_moe_config
 from datasets import Dataset
 from equivalence import RELATIVE_TOLERANCE, cpu_args, perturb, relative_difference
 from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -375,23 +375,9 @@ def test_row_budget_smaller_than_a_document_is_named(tokenizer):
 def test_moe_aux_loss_is_added(tokenizer, hh_rows, tmp_path):
     """MoE: the ORPO part is exact; the router aux loss is computed over the tokens actually run (the shared prompt
     once, no padding), so it is checked as a finite, logged-into-the-loss term rather than equal to stock's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        "qwen3_moe",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=0.01,
-        output_router_logits=True,
-    )
+    config = tiny_moe_config(len(tokenizer), router_aux_loss_coef=0.01)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     stock, ours = make_pair("orpo", str(tmp_path), tokenizer, hh_rows)

@@ -162,13 +162,18 @@ def run_trainer(name: str, argv: list[str]) -> None:
         processing_class=AutoTokenizer.from_pretrained(model_args.model_name_or_path),
         **_trainer_inputs(command, training_args, model_args),
     )
+    train_save_and_report(trainer, training_args, script_args)
+
+
+def train_save_and_report(trainer, training_args, script_args, counted: str = "tokens processed") -> None:
+    """Train (resuming if asked), save, print the tokens saved, and push when asked: the end of every command."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     totals = trainer.prefix_share_totals
     if totals["tokens"]:
         ratio = totals["stock_tokens"] / totals["tokens"]
         trainer.accelerator.print(
-            f"[trl-prefix-share] tokens processed: {totals['tokens']:,} (stock TRL: {totals['stock_tokens']:,}, "
+            f"[trl-prefix-share] {counted}: {totals['tokens']:,} (stock TRL: {totals['stock_tokens']:,}, "
             f"{ratio:.2f}x); model saved to {training_args.output_dir}"
         )
     if training_args.push_to_hub:

@@ -70,7 +70,14 @@ def run_online_trainer(name: str, argv: list[str]) -> None:
     """`grpo` / `rloo`: parse the recipe, load the prompts, train, save, and print the tokens saved."""
     from trl import DatasetMixtureConfig, ModelConfig, get_peft_config, get_quantization_config
 
-    from trl_prefix_share.commands.cli import _import, _load_data, _model_kwargs, _parse, _splits
+    from trl_prefix_share.commands.cli import (
+        _import,
+        _load_data,
+        _model_kwargs,
+        _parse,
+        _splits,
+        train_save_and_report,
+    )
 
     trainer_name, config_name, _ = ONLINE_COMMANDS[name]
     script_args, training_args, model_args, dataset_args = _parse(
@@ -87,14 +94,4 @@ def run_online_trainer(name: str, argv: list[str]) -> None:
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    totals = trainer.prefix_share_totals
-    if totals["tokens"]:
-        ratio = totals["stock_tokens"] / totals["tokens"]
-        trainer.accelerator.print(
-            f"[trl-prefix-share] policy-forward tokens: {totals['tokens']:,} (stock TRL: {totals['stock_tokens']:,}, "
-            f"{ratio:.2f}x); model saved to {training_args.output_dir}"
-        )
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    train_save_and_report(trainer, training_args, script_args, counted="policy-forward tokens")

@@ -153,11 +153,16 @@ def verify_packed_forward(model: torch.nn.Module, kernel: str, device: torch.dev
             )
     finally:
         model.train(was_training)
-    tolerance = probe_tolerance(stock, alone, mask, next(model.parameters()).dtype)
+    check_probe(model, packed, stock, alone, mask, "the packed forward differs from the unpacked one on the probe")
+
+
+def check_probe(model, packed, stock, reference, mask, what: str) -> None:
+    """Raise ``UnsupportedModelError`` when packed and stock log-probs differ beyond the probe tolerance (the model's
+    own noise between ``stock`` and ``reference``, two stock arrangements of the same sequences)."""
+    tolerance = probe_tolerance(stock, reference, mask, next(model.parameters()).dtype)
     difference = float((packed - stock)[mask].abs().max())
     if not difference <= tolerance:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: the packed forward differs from the unpacked one by {difference:.3g} in "
-            f"log-probability on the construction probe (allowed {tolerance:.3g}, {NOISE_MULTIPLE:g}x the model's own "
-            "float noise), so prefix sharing would train on wrong numbers"
+            f"{type(model).__name__}: {what} by {difference:.3g} in log-probability (allowed {tolerance:.3g}, "
+            f"{NOISE_MULTIPLE:g}x the model's own float noise), so prefix sharing would train on wrong numbers"
         )

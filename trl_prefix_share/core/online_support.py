@@ -16,11 +16,10 @@ from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.completion_rows import pack_completion_rows
 from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.model_support import (
-    NOISE_MULTIPLE,
     UnsupportedModelError,
+    check_probe,
     clipped_windows,
     enable_prefix_sharing,
-    probe_tolerance,
     verify_packed_forward,
 )
 
@@ -108,11 +107,4 @@ def verify_online_forward(model: torch.nn.Module, kernel: str, device: torch.dev
             ours = _score_rows(model, input_ids, attention_mask, keep, **{PACKED_KEY: move_to_device(packed, device)})
     finally:
         model.train(was_training)
-    tolerance = probe_tolerance(stock, wider, mask, next(model.parameters()).dtype)
-    difference = float((ours - stock)[mask].abs().max())
-    if not difference <= tolerance:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: on left-padded online-RL rows the packed forward differs from the stock one by "
-            f"{difference:.3g} in log-probability (allowed {tolerance:.3g}, {NOISE_MULTIPLE:g}x the model's own float "
-            "noise), so prefix sharing would train on wrong numbers"
-        )
+    check_probe(model, ours, stock, wider, mask, "on left-padded online-RL rows the packed forward differs from stock")
