@@ -372,9 +372,9 @@ def test_row_budget_smaller_than_a_document_is_named(tokenizer):
     assert len(kept) == 1
 
 
-def test_moe_aux_loss_is_added(tokenizer, hh_rows, tmp_path):
-    """MoE: the ORPO part is exact; the router aux loss is computed over the tokens actually run (the shared prompt
-    once, no padding), so it is checked as a finite, logged-into-the-loss term rather than equal to stock's."""
+def test_moe_aux_loss_matches_stock(tokenizer, hh_rows, tmp_path):
+    """MoE: the ORPO part and the router's load-balancing loss both match stock (each packed token weighted by the
+    stock rows holding it, the shared prompt by both halves)."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_moe_config(len(tokenizer), router_aux_loss_coef=0.01)
@@ -390,6 +390,7 @@ def test_moe_aux_loss_is_added(tokenizer, hh_rows, tmp_path):
         outputs[name] = (loss.item(), aux_loss.item(), metrics["nll_loss"], metrics["log_odds_ratio"])
     (stock_loss, stock_aux, *stock_rest), (our_loss, our_aux, *our_rest) = outputs["stock"], outputs["ours"]
     assert math.isfinite(our_aux) and our_aux > 0
-    assert math.isclose(our_loss - 0.01 * our_aux, stock_loss - 0.01 * stock_aux, rel_tol=1e-5)
+    assert math.isclose(our_aux, stock_aux, rel_tol=1e-6), (our_aux, stock_aux)
+    assert math.isclose(our_loss, stock_loss, rel_tol=1e-5), (our_loss, stock_loss)
     for a, e in zip(our_rest, stock_rest, strict=True):
         assert math.isclose(a, e, rel_tol=1e-4, abs_tol=1e-6)
