@@ -67,6 +67,9 @@ TOLERANCE = 1e-5
 #: some are zero in theory (a key bias does not change a softmax) and hold only rounding noise.
 GRADIENT_FLOOR = 1e-6
 MODEL_TYPES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+#: One test process runs this whole module (pytest-xdist `--dist loadgroup`, see the Makefile): the table test reads
+#: the verdicts every family test of the same process recorded.
+pytestmark = pytest.mark.xdist_group("model_registry")
 
 
 class TooLarge(ValueError):
@@ -265,6 +268,7 @@ def table_rows(text: str) -> dict[str, str]:
 def test_support_table_is_current():
     """docs/model_support.md lists exactly the verdicts above (regenerate it with `docs/make_model_table.py`)."""
     if len(VERDICTS) < len(MODEL_TYPES):
+        # Only when a subset was selected (`-k`, one test id): `make test` runs every family first, in one process.
         pytest.skip("run with the whole registry test to compare the table")
     committed = table_rows(TABLE.read_text(encoding="utf-8"))
     assert committed.keys() == VERDICTS.keys(), "model types changed: regenerate docs/model_support.md"

@@ -13,6 +13,7 @@ attention module so the kernel never depends on a keyword the model may not pass
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -38,7 +39,6 @@ def class_words(name: str) -> str:
 
 #: Config attributes that switch on attention rules the packed kernels do not implement (value: reason).
 UNSERVED_CONFIG_FLAGS = {
-    "attn_logit_softcapping": "soft-caps its attention logits (`attn_logit_softcapping`)",
     "attention_chunk_size": "uses chunked attention (`attention_chunk_size`)",
     "use_bidirectional_attention": "attends bidirectionally (`use_bidirectional_attention`)",
     "alibi": "adds ALiBi position biases inside attention (`alibi`)",
@@ -133,6 +133,30 @@ def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
     ]
 
 
+def _passes(module: torch.nn.Module, keyword: str) -> bool:
+    """Whether the module's forward hands ``keyword=`` to its attention function (read from its source)."""
+    try:
+        return f"{keyword}=" in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _unpassed_softmax_terms(model, text_config, attention) -> list[str]:
+    """Attention sinks and logit soft-capping are served (the kernels implement both) when every attention layer
+    hands them to the attention function as `s_aux` / `softcap`, the keywords the kernels read. A layer that applies
+    them some other way would have them silently dropped, so it is refused."""
+    reasons = []
+    with_sinks = [m for m in model.modules() if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)]
+    if any(not _passes(module, "s_aux") for module in with_sinks):
+        reasons.append("adds attention sinks to its softmax (`sinks`) without passing them as `s_aux`")
+    softcapped = getattr(text_config, "attn_logit_softcapping", None) not in (None, False, 0)
+    if softcapped and (not attention or any(not _passes(module, "softcap") for _, module in attention)):
+        reasons.append("soft-caps its attention logits (`attn_logit_softcapping`) without passing `softcap`")
+    if any(name.split(".")[-1] == "s_aux" for name, _ in model.named_parameters()):
+        reasons.append("keeps attention sinks as an `s_aux` parameter, a layout the kernels do not read")
+    return reasons
+
+
 def inspect_model(model: torch.nn.Module) -> ModelStructure:
     """Read the model's structure; no forward is run, no parameter is touched (sharded weights are fine)."""
     config = model.config
@@ -156,9 +180,8 @@ def inspect_model(model: torch.nn.Module) -> ModelStructure:
         reasons.append(
             f"has token mixers that carry a state along the sequence ({shown}): convolution, SSM or linear attention"
         )
-    if any(name.split(".")[-1] in ("sinks", "s_aux") for name, _ in model.named_parameters()):
-        reasons.append("adds attention sinks to its softmax (`sinks`)")
     attention = _attention_modules(model)
+    reasons.extend(_unpassed_softmax_terms(model, text_config, attention))
     if any(getattr(module, "is_causal", True) is False for _, module in attention):
         reasons.append("has attention layers that are not causal (`is_causal=False`)")
     num_layers = max((module.layer_idx for _, module in attention), default=-1) + 1

@@ -16,9 +16,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from trl_prefix_share.core.attention.dense_explicit import dense_explicit_attention
 from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout, layout_for_batch
-from trl_prefix_share.core.attention.sdpa_packed import packed_sdpa_attention
+from trl_prefix_share.core.attention.sdpa_packed import packed_explicit_attention, packed_sdpa_attention
 from trl_prefix_share.core.model_structure import layer_window
 
 ATTENTION_NAME = "prefix_share"
@@ -58,6 +59,12 @@ def prefix_share_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     layout: PackedAttentionLayout | None = kwargs.pop("prefix_share_layout", None)
+    if layout is None and (kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
+        # SDPA has no soft-capping or sinks: write the softmax out, as the model's eager attention does.
+        out = dense_explicit_attention(
+            module, query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"), kwargs.get("s_aux")
+        )
+        return out, None
     if layout is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -69,17 +76,18 @@ def prefix_share_attention_forward(
             f"{type(module).__name__} passes its own attention mask or bias to the attention function, which the "
             "packed layout would replace."
         )
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(
-                f"{type(module).__name__} passes `{unsupported}` to its attention, which prefix sharing does not "
-                "implement; train this model with the stock TRL trainer."
-            )
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    if sinks is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
+        raise NotImplementedError(f"{type(module).__name__} has attention sinks but did not pass them as `s_aux`.")
+    if softcap is None and getattr(module, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError(f"{type(module).__name__} soft-caps its logits but did not pass `softcap`.")
     layout.layer_calls += 1
     # Some models (Qwen2-MoE, PhiMoE) apply their window only through the mask, which a packed forward does not
     # build: the window comes from the layer (stamped at installation from the config), never from the keyword alone.
     sliding_window = layer_window(module, sliding_window)
-    if layout.kernel == "sdpa":
+    if layout.kernel == "sdpa" and (softcap is not None or sinks is not None):
+        out = packed_explicit_attention(query, key, value, layout, scaling, dropout, sliding_window, softcap, sinks)
+    elif layout.kernel == "sdpa":
         out = packed_sdpa_attention(query, key, value, layout, scaling, dropout, sliding_window)
     else:
         if dropout:
@@ -88,7 +96,15 @@ def prefix_share_attention_forward(
                 "`prefix_share_attention='sdpa'`."
             )
         out = packed_flex_attention(
-            query, key, value, layout, scaling, sliding_window, compiled=layout.kernel == "flex"
+            query,
+            key,
+            value,
+            layout,
+            scaling,
+            sliding_window,
+            compiled=layout.kernel == "flex",
+            softcap=softcap,
+            sinks=sinks,
         )
     return out, None
 

@@ -50,8 +50,13 @@ def packed_flex_attention(
     scaling: float | None,
     sliding_window: int | None,
     compiled: bool = True,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of packed rows. query ``[R, H, T, D]``, key/value ``[R, Hkv, T, D]`` -> ``[R, T, H, D]``."""
+    """Attention of packed rows. query ``[R, H, T, D]``, key/value ``[R, Hkv, T, D]`` -> ``[R, T, H, D]``.
+
+    Soft-capping is a ``score_mod``. Sinks add one logit per head to every softmax row: with the row's log-sum-exp
+    ``lse`` over the real keys, the output with the sink is ``out * sigmoid(lse - sink)``."""
     block_mask = layout.cached(
         ("flex", sliding_window, query.device), lambda: build_block_mask(layout, sliding_window, query.device)
     )
@@ -59,5 +64,25 @@ def packed_flex_attention(
         attend = _compiled_flex_attention()
     else:
         from torch.nn.attention.flex_attention import flex_attention as attend
-    out = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    score_mod = None
+    if softcap is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+
+    result = attend(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+        return_lse=sinks is not None,
+    )
+    if sinks is not None:
+        out, lse = result
+        out = out * torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None]).unsqueeze(-1).to(out.dtype)
+    else:
+        out = result
     return out.transpose(1, 2).contiguous()
