@@ -312,21 +312,22 @@ def test_plain_batches_and_generate_unchanged_on_switched_model(tokenizer, examp
 # -- unsupported architectures --------------------------------------------------------------------------------------
 
 
-def test_softcapped_attention_is_refused_at_enable_time():
+def test_softcap_applied_outside_the_attention_call_is_refused_at_enable_time():
+    """Soft-capping is served when the layer passes `softcap` to the attention function (Gemma 2 does); a layer that
+    applies it some other way would have it dropped by the packed kernels, so the structural check refuses it."""
     config = AutoConfig.for_model(
-        "gemma2",
+        "llama",
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
-        attn_logit_softcapping=50.0,
     )
+    config.attn_logit_softcapping = 5.0  # Llama's attention never passes `softcap`
     model = AutoModelForCausalLM.from_config(config)
     add_fused_lm_head(model)
-    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
+    with pytest.raises(UnsupportedModelError, match="without passing `softcap`"):
         enable_prefix_sharing(model, "sdpa")
     assert model.config._attn_implementation != attention.ATTENTION_NAME
 

@@ -91,34 +91,33 @@ def test_left_padded_batches_are_refused():
         collator(examples)
 
 
-def test_soft_capped_model_falls_back_or_raises_at_construction(tokenizer, tmp_path):
-    """Soft-capping is refused by the structural check: the default trains like stock with one warning; the error
-    mode raises before any training."""
+def test_unserved_model_falls_back_or_raises_at_construction(tokenizer, tmp_path):
+    """A model the structural check refuses (LFM2: a short convolution carries a state along the row): the default
+    trains like stock with one warning; the error mode raises before any training."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from trl_prefix_share.core.installer import PrefixShareFallbackWarning
 
     config = AutoConfig.for_model(
-        "gemma2",
+        "lfm2",
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
-        attn_logit_softcapping=50.0,
+        layer_types=["conv", "full_attention"],
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    with pytest.warns(PrefixShareFallbackWarning, match="attn_logit_softcapping"):
+    with pytest.warns(PrefixShareFallbackWarning, match="carry a state"):
         trainer = PrefixSharedDPOTrainer(
             model=str(tmp_path),
             args=dpo_args(),
             train_dataset=load_dataset_rows("pandalm", 4),
             processing_class=tokenizer,
         )
-    assert "soft-caps" in trainer.prefix_share_fallback
-    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
+    assert "carry a state" in trainer.prefix_share_fallback
+    with pytest.raises(UnsupportedModelError, match="carry a state"):
         PrefixSharedDPOTrainer(
             model=str(tmp_path),
             args=dpo_args(PrefixSharedDPOConfig, on_unsupported_model="error"),

@@ -7,6 +7,11 @@ import torch
 import torch.nn.functional as F
 
 
+def softmax_dtype(scores: torch.Tensor) -> torch.dtype:
+    """Half-precision scores take their softmax in float32, as the models' eager code does; wider stay as they are."""
+    return torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+
+
 def dense_explicit_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -41,8 +46,8 @@ def dense_explicit_attention(
         scores = scores + attention_mask[..., : scores.shape[-1]]
     if sinks is not None:
         sink = sinks.to(scores.dtype).reshape(1, heads, 1, 1).expand(scores.shape[0], heads, scores.shape[2], 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=softmax_dtype(scores))[..., :-1]
     else:
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype(scores))
     probs = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()

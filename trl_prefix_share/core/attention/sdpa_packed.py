@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trl_prefix_share.core.attention.dense_explicit import softmax_dtype
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
 
 
@@ -105,9 +106,9 @@ def packed_explicit_attention(
         scores = scores.masked_fill(~mask, float("-inf"))
         if sinks is not None:
             sink = sinks.to(scores.dtype).reshape(1, heads, 1, 1).expand(scores.shape[0], heads, scores.shape[2], 1)
-            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=softmax_dtype(scores))[..., :-1]
         else:
-            probs = torch.softmax(scores, dim=-1)
+            probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype(scores))
         if dropout:
             probs = F.dropout(probs, p=dropout)
         o_g = torch.matmul(probs.to(v_g.dtype), v_g)
