@@ -4,8 +4,9 @@ This is the structural check behind the exact fallback. It never runs the model,
 (DeepSpeed ZeRO-3 and FSDP included, where the probe is skipped) and with ``verify_model=False``. A packed row is
 exact only if every layer that mixes positions is attention that reads the packed layout: a convolution, an SSM /
 Mamba mixer or a linear / gated-delta attention carries a state along the row (it would leak across documents and
-from one branch into the next), and attention sinks, logit soft-capping, chunked or bidirectional attention follow
-rules the packed kernels do not implement. Sliding windows are served, but only when each layer's window is known:
+from one branch into the next), and chunked or bidirectional attention follow rules the packed kernels do not
+implement. Attention sinks and logit soft-capping are served when the layer hands them to the attention function
+(`s_aux`, `softcap`). Sliding windows are served, but only when each layer's window is known:
 the window of a layer is read from the config the way transformers builds its masks (``layer_types``, or one
 ``sliding_window`` for every layer), checked against the layer's own ``sliding_window`` attribute, and stamped on the
 attention module so the kernel never depends on a keyword the model may not pass.

@@ -39,8 +39,9 @@ class PrefixShareArguments:
             structural check alone guards.
         on_unsupported_model (`str`, defaults to `"fallback"`):
             What to do with a model the packed path cannot serve exactly (found from its layers, e.g. convolution or
-            SSM mixers, attention sinks, soft-capping, or by the probe): `"fallback"` trains exactly like the stock
-            TRL trainer, with one warning naming the reason; `"error"` raises `UnsupportedModelError`.
+            SSM mixers, sinks or soft-capping not passed to the attention function, or by the probe): `"fallback"`
+            trains exactly like the stock TRL trainer, with one warning naming the reason; `"error"` raises
+            `UnsupportedModelError`.
         group_by_prompt (`bool`, defaults to `False`):
             DPO: batch the pairs that share a prompt together and lay each prompt out once for all its pairs (one
             branch per distinct response). Opt-in: it changes which examples share a batch (see
