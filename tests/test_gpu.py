@@ -110,3 +110,22 @@ def test_grpo_flex_kernel_fp32_matches_stock(model_dir, tokenizer):
     ref = relative_difference(actual["ref_per_token_logps"][mask], expected["ref_per_token_logps"][mask])
     assert ref <= 10 * RELATIVE_TOLERANCE  # same 10x guess as the DPO fp32 check above
     assert_equivalent(stock, ours, expected, expected, tolerance=10 * RELATIVE_TOLERANCE)
+
+
+def test_compiled_flex_softcap_and_sinks_match_the_explicit_kernel():
+    """The compiled FlexAttention path with a soft-cap `score_mod` and the sink rescale (forward and backward, the
+    part CPU cannot run) against the explicit-softmax kernel on the same packed layout."""
+    from test_sinks_softcap import packed_probe_layout
+
+    from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
+    from trl_prefix_share.core.attention.sdpa_packed import packed_explicit_attention
+
+    layout, query, key, value, sinks, real = packed_probe_layout("cuda", torch.float32)
+    inputs = [t.requires_grad_() for t in (query, key, value, sinks)]
+    flex = packed_flex_attention(*inputs[:3], layout, None, 6, compiled=True, softcap=1.5, sinks=inputs[3])
+    flex_grads = torch.autograd.grad(flex[real].square().sum(), inputs)
+    explicit = packed_explicit_attention(*inputs[:3], layout, None, 0.0, 6, softcap=1.5, sinks=inputs[3])
+    explicit_grads = torch.autograd.grad(explicit[real].square().sum(), inputs)
+    assert relative_difference(flex[real], explicit[real]) <= 10 * RELATIVE_TOLERANCE
+    for got, expected in zip(flex_grads, explicit_grads, strict=True):
+        assert relative_difference(got, expected) <= 10 * RELATIVE_TOLERANCE

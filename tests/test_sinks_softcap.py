@@ -17,7 +17,7 @@ from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
 from trl_prefix_share.core.attention.sdpa_packed import packed_explicit_attention
 from trl_prefix_share.core.collator import PACKED_KEY
-from trl_prefix_share.core.layout import SequenceSpec, make_document, pack_documents
+from trl_prefix_share.core.layout import SequenceSpec, make_document, move_to_device, pack_documents
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 FAMILIES = {
@@ -141,10 +141,8 @@ def test_switched_model_generates_like_stock(family, saved, tokenizer):
     assert relative_difference(actual[real], expected[real]) <= 1e-5
 
 
-def test_flex_kernel_applies_softcap_and_sinks_like_the_cpu_kernel():
-    """FlexAttention (uncompiled, forward: CPU has no FlexAttention backward) with the soft-cap `score_mod` and the
-    sink rescale `out * sigmoid(lse - sink)` equals the explicit-softmax CPU path on a packed layout with two documents,
-    one of them with three branches; dropping either term moves the output far beyond the agreement."""
+def packed_probe_layout(device: str = "cpu", dtype: torch.dtype = torch.float64):
+    """A packed layout with two documents (one with three branches) and random q/k/v/sinks on `device`."""
     generator = torch.Generator().manual_seed(0)
 
     def tokens(n):
@@ -153,14 +151,22 @@ def test_flex_kernel_applies_softcap_and_sinks_like_the_cpu_kernel():
     prompt = tokens(9)
     sequences = [SequenceSpec(torch.cat([prompt, tokens(n)]), 9, row) for row, n in enumerate((5, 7, 3))]
     documents = [make_document(sequences), make_document([SequenceSpec(tokens(11), 6, 3)])]
-    packed = pack_documents(documents, num_virtual_rows=4, virtual_length=20, pad_token_id=0)
+    packed = move_to_device(pack_documents(documents, num_virtual_rows=4, virtual_length=20, pad_token_id=0), device)
     layout = PackedAttentionLayout(packed, "sdpa")
     rows, length = packed["input_ids"].shape
-    query = torch.randn(rows, 4, length, 8, generator=generator, dtype=torch.float64) * 2
-    key = torch.randn(rows, 2, length, 8, generator=generator, dtype=torch.float64) * 2
-    value = torch.randn(rows, 2, length, 8, generator=generator, dtype=torch.float64)
-    sinks = torch.randn(4, generator=generator, dtype=torch.float64)
-    real = packed["document_ids"] >= 0
+
+    def draw(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device, dtype)
+
+    query, key, value = draw(rows, 4, length, 8, scale=2), draw(rows, 2, length, 8, scale=2), draw(rows, 2, length, 8)
+    return layout, query, key, value, draw(4), packed["document_ids"] >= 0
+
+
+def test_flex_kernel_applies_softcap_and_sinks_like_the_cpu_kernel():
+    """FlexAttention (uncompiled, forward: CPU has no FlexAttention backward) with the soft-cap `score_mod` and the
+    sink rescale `out * sigmoid(lse - sink)` equals the explicit-softmax CPU path on a packed layout with two documents,
+    one of them with three branches; dropping either term moves the output far beyond the agreement."""
+    layout, query, key, value, sinks, real = packed_probe_layout()
     for window in (None, 6):
         explicit = packed_explicit_attention(query, key, value, layout, None, 0.0, window, softcap=1.5, sinks=sinks)
         flex = packed_flex_attention(query, key, value, layout, None, window, compiled=False, softcap=1.5, sinks=sinks)
