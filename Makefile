@@ -27,12 +27,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check trl_prefix_share tests benchmarks docs/*.py
 
 # Two test processes of one torch thread each: on CI's 2 cores that beats one process of two threads (tiny models
-# leave a second thread mostly idle). `make TEST_WORKERS=0 test` runs in one process. `loadgroup`: a module marked
-# `xdist_group` (the model registry, whose table test reads its family tests' verdicts) runs in one process.
+# leave a second thread mostly idle). `make TEST_WORKERS=0 test` runs in one process.
 TEST_WORKERS ?= 2
 
 test: lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 bench: $(STAMP)
 	$(BIN)/trl-prefix-share bench

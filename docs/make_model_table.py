@@ -1,7 +1,7 @@
 """Write docs/model_support.md: for every causal-LM family of the installed transformers, what the trainers do with it.
 
 The verdicts come from the registry test's own check (`tests/test_model_registry.py::check_family`), so the table is
-what the tests assert; `test_support_table_is_current` fails when the committed table drifts from them.
+what the tests assert; each family test fails when its committed row drifts from its verdict.
 Run: `python docs/make_model_table.py` (about a minute on a CPU).
 """
 

@@ -67,9 +67,6 @@ TOLERANCE = 1e-5
 #: some are zero in theory (a key bias does not change a softmax) and hold only rounding noise.
 GRADIENT_FLOOR = 1e-6
 MODEL_TYPES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-#: One test process runs this whole module (pytest-xdist `--dist loadgroup`, see the Makefile): the table test reads
-#: the verdicts every family test of the same process recorded.
-pytestmark = pytest.mark.xdist_group("model_registry")
 
 
 class TooLarge(ValueError):
@@ -237,18 +234,30 @@ def check_family(model_type: str, examples: list[dict[str, list[int]]]) -> str:
 
 
 SERVED = "served exactly"
-#: Verdicts of this session's run, compared with the committed table by `test_support_table_is_current`.
-VERDICTS: dict[str, str] = {}
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "model_support.md"
 
 
+@pytest.fixture(scope="module")
+def committed_table() -> dict[str, str]:
+    return table_rows(TABLE.read_text(encoding="utf-8"))
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_family_is_exact_or_falls_back(model_type, examples):
+def test_family_is_exact_or_falls_back(model_type, examples, committed_table):
+    """Each family's verdict, checked, and equal to its row of docs/model_support.md (so the table cannot drift,
+    whichever test process runs the family)."""
     try:
-        VERDICTS[model_type] = check_family(model_type, examples)
+        verdict = check_family(model_type, examples)
     except pytest.skip.Exception as skipped:
-        VERDICTS[model_type] = skip_verdict(model_type, skipped.msg)
+        assert_table_row(committed_table, model_type, skip_verdict(model_type, skipped.msg))
         raise
+    assert_table_row(committed_table, model_type, verdict)
+
+
+def assert_table_row(committed: dict[str, str], model_type: str, verdict: str) -> None:
+    regenerate = "regenerate docs/model_support.md with docs/make_model_table.py"
+    assert model_type in committed, f"{model_type} is not in the table: {regenerate}"
+    assert table_cell(verdict) == committed[model_type], f"the verdict of {model_type} changed: {regenerate}"
 
 
 def skip_verdict(model_type: str, message: str) -> str:
@@ -265,15 +274,9 @@ def table_rows(text: str) -> dict[str, str]:
     return rows
 
 
-def test_support_table_is_current():
-    """docs/model_support.md lists exactly the verdicts above (regenerate it with `docs/make_model_table.py`)."""
-    if len(VERDICTS) < len(MODEL_TYPES):
-        # Only when a subset was selected (`-k`, one test id): `make test` runs every family first, in one process.
-        pytest.skip("run with the whole registry test to compare the table")
-    committed = table_rows(TABLE.read_text(encoding="utf-8"))
-    assert committed.keys() == VERDICTS.keys(), "model types changed: regenerate docs/model_support.md"
-    changed = sorted(k for k, v in VERDICTS.items() if table_cell(v) != committed[k])
-    assert not changed, f"verdicts changed for {changed}: regenerate docs/model_support.md"
+def test_support_table_lists_every_family(committed_table):
+    """docs/model_support.md has one row per causal-LM model type of the installed transformers, no more."""
+    assert sorted(committed_table) == MODEL_TYPES, "model types changed: regenerate docs/model_support.md"
 
 
 def table_cell(verdict: str) -> str:
