@@ -13,9 +13,9 @@ import logging
 
 from datasets import Dataset
 
-logger = logging.getLogger(__name__)
+from trl_prefix_share.core.invalid_examples import refuse_or_drop_pairs
 
-_SHOWN = 10
+logger = logging.getLogger(__name__)
 
 
 def truncated_length(prompt_len: int, response_len: int, max_length: int | None) -> int:
@@ -30,11 +30,6 @@ def document_length_upper_bound(prompt_len: int, chosen_len: int, rejected_len: 
     rejected = truncated_length(prompt_len, rejected_len, max_length)
     shared = min(prompt_len, chosen, rejected)
     return chosen + rejected - max(shared - 1, 0) if shared >= 2 else chosen + rejected
-
-
-def _describe(indices: list[int]) -> str:
-    shown = ", ".join(str(i) for i in indices[:_SHOWN])
-    return shown + (f" and {len(indices) - _SHOWN} more" if len(indices) > _SHOWN else "")
 
 
 def validate_preference_dataset(
@@ -78,29 +73,11 @@ def validate_preference_dataset(
             identical,
             dataset_name,
         )
-    problems = []
-    # The fixes name `drop_invalid_examples=True` only where it is not set already (then the examples are dropped).
-    or_drop = "" if drop_invalid else ", or set `drop_invalid_examples=True`"
-    if empty:
-        problems.append(
-            f"example(s) {_describe(empty)} of the {dataset_name} dataset have an empty chosen or rejected response "
-            "after tokenization, so that side has no token to score. Remove them (e.g. `dataset.filter(lambda x: "
-            f"x['chosen'] and x['rejected'])`){or_drop}"
-        )
-    if too_long:
-        longest = max(length for _, length in too_long)
-        problems.append(
-            f"example(s) {_describe([i for i, _ in too_long])} of the {dataset_name} dataset need up to {longest} "
-            f"tokens as one packed document, more than `max_row_tokens={max_row_tokens}`. Raise `max_row_tokens` to "
-            f"at least {longest} or lower `max_length`{or_drop}"
-        )
-    if not problems:
-        return dataset
-    if not drop_invalid:
-        raise ValueError("Prefix sharing cannot train on some examples: " + "; and ".join(problems) + ".")
-    bad = set(empty) | {i for i, _ in too_long}
-    logger.warning("Dropping %d example(s) of the %s dataset: %s.", len(bad), dataset_name, "; ".join(problems))
-    return dataset.select([i for i in range(len(dataset)) if i not in bad])
+    reason = (
+        "after tokenization, so that side has no token to score. Remove them (e.g. `dataset.filter(lambda x: "
+        "x['chosen'] and x['rejected'])`)"
+    )
+    return refuse_or_drop_pairs(dataset, dataset_name, empty, reason, too_long, max_row_tokens, drop_invalid, logger)
 
 
 def check_not_emptied(before: int | None, dataset: Dataset, dataset_name: str, max_length: int | None) -> None:

@@ -23,6 +23,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, pair_documents, sequences_from_padded_batch
 from trl_prefix_share.core.installer import fall_back, install_or_fall_back, model_to_patch, start_prefix_share
+from trl_prefix_share.core.invalid_examples import refuse_or_drop_pairs
 from trl_prefix_share.core.layout import IGNORE_INDEX, SequenceSpec, make_document, pack_documents
 from trl_prefix_share.core.model_support import enable_prefix_sharing, verify_packed_forward
 from trl_prefix_share.core.options import PrefixShareArguments, packing_options
@@ -32,7 +33,6 @@ check_hooks(PAIRED_HOOKS)
 logger = logging.getLogger(__name__)
 
 FUSED_OUTPUTS = ("log_probs", "mean_logits")
-_SHOWN = 10
 
 # -- layout of the stacked batch ---------------------------------------------------------------------------------------
 
@@ -158,11 +158,6 @@ def scored_mean_logits(mean_logits: torch.Tensor, mask: torch.Tensor) -> torch.T
 # -- up-front dataset check --------------------------------------------------------------------------------------------
 
 
-def _describe(indices: list[int]) -> str:
-    shown = ", ".join(str(i) for i in indices[:_SHOWN])
-    return shown + (f" and {len(indices) - _SHOWN} more" if len(indices) > _SHOWN else "")
-
-
 def _completion_start(labels: list[int]) -> int:
     return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
@@ -208,28 +203,20 @@ def validate_paired_dataset(
                 if length > options.max_row_tokens:
                     too_long.append((index, length))
             index += 1
-    problems = []
-    or_drop = "" if options.drop_invalid_examples else ", or set `drop_invalid_examples=True`"
-    if empty:
-        problems.append(
-            f"example(s) {_describe(empty)} of the {dataset_name} dataset have an empty chosen or rejected response "
-            "after truncation (the prompt alone fills `max_length`; stock TRL would return a NaN loss). Raise "
-            f"`max_length` or filter out long prompts{or_drop}"
-        )
-    if too_long:
-        longest = max(length for _, length in too_long)
-        problems.append(
-            f"example(s) {_describe([i for i, _ in too_long])} of the {dataset_name} dataset need up to {longest} "
-            f"tokens as one packed document, more than `max_row_tokens={options.max_row_tokens}`. Raise "
-            f"`max_row_tokens` to at least {longest} or lower `max_length`{or_drop}"
-        )
-    if not problems:
-        return dataset
-    if not options.drop_invalid_examples:
-        raise ValueError("Prefix sharing cannot train on some examples: " + "; and ".join(problems) + ".")
-    bad = set(empty) | {i for i, _ in too_long}
-    logger.warning("Dropping %d example(s) of the %s dataset: %s.", len(bad), dataset_name, "; ".join(problems))
-    return dataset.select([i for i in range(len(dataset)) if i not in bad])
+    reason = (
+        "after truncation (the prompt alone fills `max_length`; stock TRL would return a NaN loss). Raise "
+        "`max_length` or filter out long prompts"
+    )
+    return refuse_or_drop_pairs(
+        dataset,
+        dataset_name,
+        empty,
+        reason,
+        too_long,
+        options.max_row_tokens,
+        options.drop_invalid_examples,
+        logger,
+    )
 
 
 # -- the trainer mixin -------------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from datasets import Dataset
 
-logger = logging.getLogger(__name__)
+from trl_prefix_share.core.invalid_examples import describe_indices
 
-_SHOWN = 10
+logger = logging.getLogger(__name__)
 
 
 def _read_out_length(ids: Sequence[int], pad_token_id: int | None) -> int:
@@ -36,11 +36,6 @@ def document_tokens(sequences: Sequence[Sequence[int]], pad_token_id: int | None
         shared += 1
     head = shared - 1 if shared >= 2 else 0
     return head + sum(len(ids) - head for ids in cut)
-
-
-def _describe(indices: list[int]) -> str:
-    shown = ", ".join(str(i) for i in indices[:_SHOWN])
-    return shown + (f" and {len(indices) - _SHOWN} more" if len(indices) > _SHOWN else "")
 
 
 def validate_reward_dataset(
@@ -70,12 +65,13 @@ def validate_reward_dataset(
             index += 1
     problems = []
     if empty:
-        problems.append(f"{len(empty)} example(s) with an empty sequence (indices {_describe(empty)})")
+        problems.append(f"{len(empty)} example(s) with an empty sequence (indices {describe_indices(empty)})")
     if too_long:
         worst = max(length for _, length in too_long)
         problems.append(
             f"{len(too_long)} example(s) whose document is longer than max_row_tokens={max_row_tokens} (up to {worst} "
-            f"tokens; indices {_describe([i for i, _ in too_long])}): raise `max_row_tokens` or lower `max_length`"
+            f"tokens; indices {describe_indices([i for i, _ in too_long])}): raise `max_row_tokens` or lower "
+            "`max_length`"
         )
     if not problems:
         return dataset
