@@ -110,21 +110,14 @@ def shareable_length(sequences: list[SequenceSpec]) -> int:
 
 
 def identical_sequences(sequences: list[SequenceSpec]) -> tuple[int, ...]:
-    """For each sequence, the index of the first sequence with the same tokens, prompt split and scored span."""
-    aliases: list[int] = []
+    """For each sequence, the index of the first sequence with the same tokens, prompt split and scored span.
+
+    One dictionary lookup per sequence (G completions of a prompt: G lookups, not G^2 comparisons)."""
+    first: dict[tuple, int] = {}
+    aliases = []
     for index, seq in enumerate(sequences):
-        match = index
-        for earlier in range(index):
-            other = sequences[earlier]
-            if (
-                aliases[earlier] == earlier
-                and other.completion_start == seq.completion_start
-                and other.first_label == seq.first_label
-                and torch.equal(other.tokens, seq.tokens)
-            ):
-                match = earlier
-                break
-        aliases.append(match)
+        key = (seq.completion_start, seq.first_label, seq.tokens.numpy().tobytes())
+        aliases.append(first.setdefault(key, index))
     return tuple(aliases)
 
 
