@@ -90,7 +90,7 @@ class PrefixSharedScoringMixin:
         all_logps, all_entropies, all_aux_losses = [], [], []
         packed_tokens = 0
         for rows, packed in chunks:
-            ids, mask = input_ids[rows], attention_mask[rows]
+            ids, mask = (input_ids, attention_mask) if rows is None else (input_ids[rows], attention_mask[rows])
             labels = ids.masked_fill(mask == 0, -100)
             labels[:, :-logits_to_keep] = -100
             model_inputs = {"input_ids": ids, "attention_mask": mask, PACKED_KEY: packed}
@@ -105,8 +105,8 @@ class PrefixSharedScoringMixin:
                 all_aux_losses.append(outputs.aux_loss)
             packed_tokens += packed["input_ids"].numel()
 
-        order = torch.cat([rows for rows, _ in chunks])
-        restore = None if torch.equal(order, torch.arange(len(order))) else order.argsort().to(input_ids.device)
+        # Chunks of whole groups need not be contiguous: put the rows back in the batch's order.
+        restore = None if chunks[0][0] is None else torch.cat([rows for rows, _ in chunks]).argsort()
         logps = _in_row_order(torch.cat(all_logps), restore)
         entropies = _in_row_order(torch.cat(all_entropies), restore) if compute_entropy else None
         aux_loss = torch.stack(all_aux_losses).mean() if compute_aux_loss else None
@@ -115,30 +115,25 @@ class PrefixSharedScoringMixin:
         return logps, entropies, aux_loss
 
     def _packed_chunks(self, input_ids, attention_mask, logits_to_keep, batch_size):
-        """(rows, packed layout) per chunk; reused while the same rows are scored again (old policy, reference)."""
+        """(rows on the batch's device, or None for the whole batch; packed layout) per chunk, reused while the same
+        rows are scored again (old policy, reference)."""
         cached = self._prefix_share_layouts
         key = (input_ids.shape, input_ids._version, attention_mask.data_ptr(), attention_mask._version)
         key += (logits_to_keep, batch_size)
         if cached is not None and cached[0]() is input_ids and cached[1] == key:
             return cached[2]
-        rows_total = input_ids.size(0)
-        if batch_size is None or batch_size >= rows_total:
-            row_chunks = [torch.arange(rows_total)]
+        pad = self._tokenizer.pad_token_id or 0
+        if batch_size is None or batch_size >= input_ids.size(0):
+            packed = pack_completion_rows(input_ids, attention_mask, logits_to_keep, pad, self.prefix_share_packing)
+            chunks = [(None, packed)]
         else:
             shape = read_rows(input_ids, attention_mask, logits_to_keep)
             row_tokens = attention_mask.sum(dim=1).cpu()
-            row_chunks = chunk_by_prompt(shape, row_tokens, batch_size, input_ids.size(1))
-        chunks = []
-        for rows in row_chunks:
-            rows = rows.to(input_ids.device)
-            packed = pack_completion_rows(
-                input_ids[rows],
-                attention_mask[rows],
-                logits_to_keep,
-                pad_token_id=self._tokenizer.pad_token_id or 0,
-                options=self.prefix_share_packing,
-            )
-            chunks.append((rows, packed))
+            chunks = []
+            for rows in chunk_by_prompt(shape, row_tokens, batch_size, input_ids.size(1)):
+                rows = rows.to(input_ids.device)
+                ids, mask = input_ids[rows], attention_mask[rows]
+                chunks.append((rows, pack_completion_rows(ids, mask, logits_to_keep, pad, self.prefix_share_packing)))
         self._prefix_share_layouts = (weakref.ref(input_ids), key, chunks)
         return chunks
 
