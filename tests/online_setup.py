@@ -3,12 +3,10 @@ alike, and one generation batch scored by both (same seed, so the same completio
 
 from __future__ import annotations
 
-import tempfile
-
 import torch
 from conftest import read_jsonl
 from datasets import Dataset
-from equivalence import MODEL_INIT_KWARGS
+from equivalence import cpu_args
 
 #: Completions per prompt and the longest completion in these tests.
 NUM_GENERATIONS = 4
@@ -30,21 +28,15 @@ def vowel_reward(completions, **kwargs) -> list[float]:
 
 
 def online_args(config_cls, **fields):
-    """A CPU config: float64 models, G=4 completions of at most 8 tokens, seed 0, no reporting."""
+    """`equivalence.cpu_args` for GRPO / RLOO: G=4 completions of at most 8 tokens, two prompts per step."""
     defaults = dict(
-        output_dir=tempfile.mkdtemp(),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        seed=0,
-        per_device_train_batch_size=2 * NUM_GENERATIONS,
         num_generations=NUM_GENERATIONS,
         max_completion_length=MAX_COMPLETION_LENGTH,
         learning_rate=1e-2,
         logging_steps=1,
-        model_init_kwargs=dict(MODEL_INIT_KWARGS),
     )
-    return config_cls(**{**defaults, **fields})
+    batch = fields.pop("per_device_train_batch_size", 2 * NUM_GENERATIONS)
+    return cpu_args(config_cls, batch, **{**defaults, **fields})
 
 
 def generation_batch(dataset: Dataset, prompts: int) -> list[dict]:

@@ -97,8 +97,9 @@ def pack_completion_rows(
     options: PackingOptions,
 ) -> dict[str, torch.Tensor | list[dict[str, torch.Tensor]]]:
     """The packed layout of a batch of online-RL rows, on the rows' device; raises ``UnshareableRows``."""
-    shape = read_rows(input_ids, attention_mask, logits_to_keep)
-    documents = completion_documents(input_ids, shape, logits_to_keep, options.share_prefix)
+    ids = input_ids.cpu()  # the layout is described on the host, once
+    shape = read_rows(ids, attention_mask.cpu(), logits_to_keep)
+    documents = completion_documents(ids, shape, logits_to_keep, options.share_prefix)
     packed = pack_documents(
         documents,
         num_virtual_rows=input_ids.size(0),

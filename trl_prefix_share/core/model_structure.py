@@ -14,6 +14,7 @@ attention module so the kernel never depends on a keyword the model may not pass
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -136,10 +137,16 @@ def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
 
 def _passes(module: torch.nn.Module, keyword: str) -> bool:
     """Whether the module's forward hands ``keyword=`` to its attention function (read from its source)."""
+    return f"{keyword}=" in _forward_source(type(module))
+
+
+@functools.cache
+def _forward_source(module_class: type) -> str:
+    """A layer class's forward source, read once per class (every layer of a model shares it)."""
     try:
-        return f"{keyword}=" in inspect.getsource(type(module).forward)
+        return inspect.getsource(module_class.forward)
     except (OSError, TypeError):
-        return False
+        return ""
 
 
 def _unpassed_softmax_terms(model, text_config, attention) -> list[str]:
