@@ -26,6 +26,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
 from trl_prefix_share.core.installer import PrefixShareFallbackWarning, install_or_fall_back
+from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.model_structure import inspect_model
 from trl_prefix_share.core.model_support import (
     UnsupportedModelError,
@@ -56,6 +57,19 @@ SMALL = dict(
     moe_intermediate_size=32,
     shared_expert_intermediate_size=32,
 )
+#: Fields without which these families' configs reject the small sizes (their Mamba heads must tile the hidden size,
+#: or their layer list must match the layer count): each hybrid gets one mixer layer and one attention layer.
+FAMILY_FIELDS = {
+    "granitemoehybrid": dict(
+        mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, layer_types=["mamba", "attention"]
+    ),
+    "bamba": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, attn_layer_indices=[1]),
+    "mamba2": dict(num_heads=4, head_dim=16, state_size=8, n_groups=1),
+    "zamba2": dict(
+        mamba_headdim=8, mamba_d_state=8, n_mamba_heads=8, layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1]
+    ),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+}
 #: Sliding windows are set this small, below the test sequences' lengths, wherever a config has one.
 WINDOW = 12
 #: Largest model the test builds (parameters): larger means the config ignores the small sizes above.
@@ -63,6 +77,11 @@ MAX_PARAMETERS = 3_000_000
 #: float64 (see `equivalence.EQUIVALENCE_DTYPE`): the remaining noise is that of TRL's float32 log-softmax, ~1e-6.
 DTYPE = torch.float64
 TOLERANCE = 1e-5
+#: Families with a served mixer whose kernel computes in float32 whatever the model's dtype (transformers' gated delta
+#: rule): the packed forward runs each sequence's scan in other chunks (the prefix, then the branch from its state),
+#: so that float32 rounding differs from stock's (measured up to 1.1e-4 relative, on the gradient of a decay bias); a state leaked across
+#: documents or branches moves them by more than 1e-2.
+FLOAT32_MIXER_TOLERANCE = 1e-3
 #: Gradients smaller than this share of the largest one are compared against that floor instead of their own size:
 #: some are zero in theory (a key bias does not change a softmax) and hold only rounding noise.
 GRADIENT_FLOOR = 1e-6
@@ -79,7 +98,7 @@ class TooLarge(ValueError):
 
 def tiny_config(model_type: str):
     """A small config of `model_type`, or a reason why none builds."""
-    config = AutoConfig.for_model(model_type, **SMALL)
+    config = AutoConfig.for_model(model_type, **{**SMALL, **FAMILY_FIELDS.get(model_type, {})})
     text_config = config.get_text_config()
     if isinstance(getattr(text_config, "sliding_window", None), int) and text_config.sliding_window > WINDOW:
         text_config.sliding_window = WINDOW
@@ -203,6 +222,7 @@ def check_family(model_type: str, examples: list[dict[str, list[int]]]) -> str:
         assert model.config._attn_implementation != "prefix_share"  # restored: stock numerics
         return f"exact fallback: {trainer.prefix_share_fallback}"
     mask = labels[:, 1:] != -100
+    tolerance = TOLERANCE if compute_precision(model) == DTYPE else FLOAT32_MIXER_TOLERANCE
     packed = model(
         input_ids=batch["input_ids"],
         labels=labels,
@@ -211,7 +231,7 @@ def check_family(model_type: str, examples: list[dict[str, list[int]]]) -> str:
         **{PACKED_KEY: batch[PACKED_KEY]},
     ).log_probs
     difference = relative(packed[mask], expected[mask])
-    assert difference <= TOLERANCE, f"{model_type}: packed log-probs differ by {difference:.2e} relative"
+    assert difference <= tolerance, f"{model_type}: packed log-probs differ by {difference:.2e} relative"
     stock_grads = grads_of(model, log_probs_alone(model, batch, labels)[mask].sum())
     our_grads = grads_of(
         model,
@@ -229,7 +249,7 @@ def check_family(model_type: str, examples: list[dict[str, list[int]]]) -> str:
     floor = GRADIENT_FLOOR * max(grad.double().norm().item() for grad in stock_grads.values())
     for name, grad in stock_grads.items():
         difference = (our_grads[name].double() - grad.double()).norm().item() / max(grad.double().norm().item(), floor)
-        assert difference <= TOLERANCE, f"{model_type}: gradient of {name} differs by {difference:.2e} relative"
+        assert difference <= tolerance, f"{model_type}: gradient of {name} differs by {difference:.2e} relative"
     return SERVED
 
 

@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
+from trl_prefix_share.core.mixers.kinds import mixer_verdict
+
 #: `layer_types` entries the packed path serves: attention (full or sliding) and layers that mix no positions.
 SERVED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "mlp", "moe", "dense"})
+#: `layer_types` entries of state-carrying mixers: served only where that layer holds a served mixer (`mixers.kinds`).
+MIXER_LAYER_TYPES = frozenset({"conv", "linear_attention", "mamba", "hybrid"})
 
 #: Words (of a module class name split at its CamelCase humps, joined by "_") that name a token mixer carrying a
 #: state along the sequence: Mamba / SSM mixers, convolutions, linear and gated-delta attention, recurrences.
@@ -31,6 +35,8 @@ STATEFUL_MIXER_PATTERN = re.compile(
     r"(^|_)(mamba\d*|ssm|conv\d*|short_conv|gated_delta|delta_net|delta_attention|linear_attention|"
     r"lightning_attention|recurrent|rwkv\d*|retention|hyena|x_?lstm|m_lstm|s_lstm|griffin|rg_lru)(_|$)"
 )
+#: Class-name endings of modules that mix no positions even when their name says Mamba (``Mamba2RMSNorm``).
+NOT_A_MIXER_PATTERN = re.compile(r"(^|_)(norm|rms_norm|layer_norm|group_norm|embedding|embeddings|mlp|experts)$")
 _CAMEL_WORD = re.compile(r"[A-Z]+(?![a-z])\d*|[A-Z]?[a-z]+\d*|\d+")
 
 
@@ -97,9 +103,16 @@ def layer_windows(text_config, num_layers: int) -> tuple[dict[int, int | None], 
     return {index: window for index in range(num_layers)}, problems
 
 
-def _unserved_layer_types(text_config) -> list[str]:
+def _unserved_layer_types(text_config, mixer_layers: set[int]) -> list[str]:
+    """Layer types that are neither attention nor a mixer layer holding a served mixer."""
     layer_types = getattr(text_config, "layer_types", None) or []
-    return sorted({kind for kind in layer_types if kind not in SERVED_LAYER_TYPES})
+    return sorted(
+        {
+            kind
+            for index, kind in enumerate(layer_types)
+            if kind not in SERVED_LAYER_TYPES and not (kind in MIXER_LAYER_TYPES and index in mixer_layers)
+        }
+    )
 
 
 def text_backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -112,17 +125,58 @@ def text_backbone(model: torch.nn.Module) -> torch.nn.Module:
     return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
-def stateful_mixers(module: torch.nn.Module) -> list[str]:
-    """Class names of the modules under ``module`` that mix positions through a state: torch convolutions and
-    classes whose name says Mamba, SSM, convolution, linear / gated-delta attention or a recurrence. (transformers'
-    ``Conv1D`` is GPT-2's linear layer, not a convolution.)"""
-    found = set()
-    for child in module.modules():
-        if isinstance(child, TransformersConv1D):
+def _calls_with_keywords(parent: torch.nn.Module, attribute: str) -> bool:
+    """Whether ``parent.forward`` calls ``self.<attribute>(...)`` passing its ``**kwargs`` on (how the packed layout
+    reaches a mixer, also when gradient checkpointing recomputes the layer)."""
+    source = _forward_source(type(parent))
+    start = source.find(f"self.{attribute}(")
+    if start < 0:
+        return False
+    depth, index = 0, start + len(attribute) + 5
+    for index in range(start + len(attribute) + 5, len(source)):
+        depth += {"(": 1, ")": -1}.get(source[index], 0)
+        if depth == 0:
+            break
+    return "**kwargs" in source[start : index + 1]
+
+
+def served_mixers(module: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], list[str]]:
+    """The state-carrying mixers under ``module`` that the segmented run serves (by qualified name), and the reasons
+    the others are not served."""
+    served: dict[str, torch.nn.Module] = {}
+    reasons: list[str] = []
+    parents = dict(module.named_modules())
+    for name, child in module.named_modules():
+        verdict = mixer_verdict(child)
+        if verdict is None:
             continue
-        name = type(child).__name__
-        if isinstance(child, torch.nn.Conv1d | torch.nn.Conv2d) or STATEFUL_MIXER_PATTERN.search(class_words(name)):
-            found.add(name)
+        parent_name, _, attribute = name.rpartition(".")
+        if not verdict.served:
+            reasons.append(verdict.reason)
+        elif not _calls_with_keywords(parents[parent_name], attribute):
+            reasons.append(f"{type(parents[parent_name]).__name__} calls its {verdict.name} without its `**kwargs`")
+        else:
+            served[name] = child
+    return served, sorted(set(reasons))
+
+
+def stateful_mixers(module: torch.nn.Module) -> list[str]:
+    """Class names of the modules under ``module`` that mix positions through a state and are not served mixers (nor
+    inside or holding one): torch convolutions and classes whose name says Mamba, SSM, convolution, linear / gated-delta
+    attention or a recurrence. (transformers' ``Conv1D`` is GPT-2's linear layer, not a convolution.)"""
+    served, _ = served_mixers(module)
+    inside_served = {id(sub) for mixer in served.values() for sub in mixer.modules()}
+    # Every ancestor of a served mixer ("model.layers.0" of "model.layers.0.conv") is only its container.
+    holding_served = {".".join(name.split(".")[:depth]) for name in served for depth in range(name.count(".") + 1)}
+    found = set()
+    for name, child in module.named_modules():
+        if isinstance(child, TransformersConv1D) or id(child) in inside_served or name in holding_served:
+            continue
+        class_name = type(child).__name__
+        words = class_words(class_name)
+        named_like_a_mixer = STATEFUL_MIXER_PATTERN.search(words) and not NOT_A_MIXER_PATTERN.search(words)
+        if isinstance(child, torch.nn.Conv1d | torch.nn.Conv2d) or named_like_a_mixer:
+            found.add(class_name)
     return sorted(found)
 
 
@@ -179,10 +233,14 @@ def inspect_model(model: torch.nn.Module) -> ModelStructure:
         value = getattr(text_config, flag, None)
         if value not in (None, False, 0):
             reasons.append(reason)
-    unserved_types = _unserved_layer_types(text_config)
+    backbone = text_backbone(model)
+    served, mixer_reasons = served_mixers(backbone)
+    mixer_layers = {getattr(mixer, "layer_idx", None) for mixer in served.values()}
+    unserved_types = _unserved_layer_types(text_config, mixer_layers)
     if unserved_types:
         reasons.append(f"has layers of type {', '.join(unserved_types)} (`layer_types`), not attention")
-    mixers = stateful_mixers(text_backbone(model))
+    reasons.extend(mixer_reasons)
+    mixers = stateful_mixers(backbone)
     if mixers:
         shown = ", ".join(mixers[:4]) + (f" and {len(mixers) - 4} more" if len(mixers) > 4 else "")
         reasons.append(

@@ -9,7 +9,9 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.layout import move_to_device
+from trl_prefix_share.core.mixers.segmented import install_segmented_mixers
 from trl_prefix_share.core.model_structure import ModelStructure, inspect_model, stamp_layer_windows
 from trl_prefix_share.core.packed_forward import install_packed_forward
 from trl_prefix_share.core.prompt_groups import GroupByPrompt
@@ -37,6 +39,7 @@ def switch_attention(model: torch.nn.Module) -> None:
     """Check the structure, stamp each layer's window, and select the packed attention (remembering the old one)."""
     structure = check_architecture(model)
     stamp_layer_windows(model, structure.windows)
+    install_segmented_mixers(model)
     register_attention()
     if model.config._attn_implementation != ATTENTION_NAME:
         model._prefix_share_previous_attention = model.config._attn_implementation
@@ -159,7 +162,7 @@ def verify_packed_forward(model: torch.nn.Module, kernel: str, device: torch.dev
 def check_probe(model, packed, stock, reference, mask, what: str) -> None:
     """Raise ``UnsupportedModelError`` when packed and stock log-probs differ beyond the probe tolerance (the model's
     own noise between ``stock`` and ``reference``, two stock arrangements of the same sequences)."""
-    tolerance = probe_tolerance(stock, reference, mask, next(model.parameters()).dtype)
+    tolerance = probe_tolerance(stock, reference, mask, compute_precision(model))
     difference = float((packed - stock)[mask].abs().max())
     if not difference <= tolerance:
         raise UnsupportedModelError(

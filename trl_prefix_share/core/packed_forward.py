@@ -86,7 +86,7 @@ def install_packed_forward(model: torch.nn.Module, kernel: str) -> None:
                 prefix_share_layout=layout,
                 **kwargs,
             )
-        if layout.layer_calls == 0:
+        if layout.layer_calls == 0 and layout.mixer_calls == 0:
             raise RuntimeError(
                 f"{type(model).__name__} did not pass the packed layout to its attention layers, so the packed "
                 "forward would be plain causal attention. This architecture cannot be served by prefix sharing."

@@ -18,6 +18,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention import layout_for_batch, packed_forward_scope
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.model_support import (
     UnsupportedModelError,
@@ -65,7 +66,7 @@ def packed_scores(model: torch.nn.Module, packed: dict[str, Any], kernel: str, *
             prefix_share_layout=layout,
             **kwargs,
         )
-    if layout.layer_calls == 0:
+    if layout.layer_calls == 0 and layout.mixer_calls == 0:
         raise RuntimeError(
             f"{type(model).__name__} did not pass the packed layout to its attention layers, so the packed forward "
             "would be plain causal attention. This architecture cannot be served by prefix sharing."
@@ -160,7 +161,7 @@ def verify_packed_scores(model: torch.nn.Module, kernel: str, device: torch.devi
         model.train(was_training)
     stock = stock.logits.float()
     everywhere = torch.ones_like(stock, dtype=torch.bool)
-    tolerance = probe_tolerance(stock, alone.float(), everywhere, next(model.parameters()).dtype)
+    tolerance = probe_tolerance(stock, alone.float(), everywhere, compute_precision(model))
     difference = float((ours.float() - stock).abs().max())
     if not difference <= tolerance:
         raise UnsupportedModelError(

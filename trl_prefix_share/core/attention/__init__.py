@@ -38,6 +38,11 @@ def packed_forward_scope():
         _packed_forward_active.reset(token)
 
 
+def is_packed_forward_active() -> bool:
+    """Whether a packed forward is running (layers that get no layout then must refuse to run)."""
+    return _packed_forward_active.get()
+
+
 def resolve_kernel(kernel: str, device: torch.device) -> str:
     """``auto`` -> FlexAttention on CUDA, the SDPA decomposition elsewhere (FlexAttention has no CPU backward)."""
     if kernel not in KERNELS:
@@ -126,6 +131,7 @@ __all__ = [
     "ATTENTION_NAME",
     "KERNELS",
     "PackedAttentionLayout",
+    "is_packed_forward_active",
     "layout_for_batch",
     "packed_forward_scope",
     "register_attention",

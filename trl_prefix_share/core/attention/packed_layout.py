@@ -23,6 +23,7 @@ class PackedAttentionLayout:
         self.position_ids: torch.Tensor = packed["position_ids"]
         self.buckets: list[dict[str, torch.Tensor]] = packed.get("attention_buckets") or []
         self.layer_calls = 0
+        self.mixer_calls = 0
         self._cache: dict[Any, Any] = {}
 
     def cached(self, key: Any, build):
@@ -45,4 +46,5 @@ def layout_for_batch(packed: dict[str, Any], kernel: str) -> PackedAttentionLayo
         layout = PackedAttentionLayout(packed, kernel)
         _last = (weakref.ref(anchor), layout)
     layout.layer_calls = 0
+    layout.mixer_calls = 0
     return layout

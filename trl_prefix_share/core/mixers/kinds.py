@@ -1,0 +1,104 @@
+"""What a state-carrying token mixer is, read from its code, and whether the segmented run serves it exactly.
+
+A mixer is served when it is one of the kinds below, all of which the equivalence tests cover: its forward takes
+transformers' ``cache``, writes its convolution inputs through ``update_conv_state`` (so a branch's convolution sees
+its prefix's last inputs) and, if it has a recurrent state, starts its scan from ``get_recurrent_state`` and hands the
+final state to ``update_recurrent_state``. Anything else that carries a state (a Mamba1 scan, a mixer whose scan
+ignores a cached state, a recurrence without the cache interface) is refused with its reason, and the trainer falls
+back to the exact stock path. The check reads source code only, so it holds under every launcher.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+#: Served kinds: the scan or convolution the mixer runs, named by the kernel call in its forward.
+SERVED_MIXER_KINDS = {
+    "short_conv": "a gated short convolution (LFM2)",
+    "mamba2": "a Mamba2 state-space scan (`mamba2_chunk_scan`)",
+    "gated_delta": "a gated delta rule (`chunk_gated_delta_rule`)",
+}
+#: Kinds whose kernels compute in a fixed precision whatever the model's dtype: transformers' gated delta rule (and
+#: the fla kernels it can dispatch to) runs in float32, so a float64 model carries float32 rounding there, and a
+#: different chunking of the same sequence (prefix, then branch) rounds differently.
+KIND_COMPUTE_DTYPE = {"gated_delta": torch.float32}
+_KERNEL_CALLS = {"mamba2": "mamba2_chunk_scan(", "gated_delta": "chunk_gated_delta_rule("}
+_INITIAL_STATE_ARGUMENTS = ("initial_state=recurrent_state", "initial_states=recurrent_state")
+
+
+@dataclass(frozen=True)
+class MixerVerdict:
+    """``kind`` when served; otherwise ``reason`` says what stops it."""
+
+    name: str
+    kind: str | None = None
+    reason: str | None = None
+
+    @property
+    def served(self) -> bool:
+        return self.kind is not None
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The precision the mixer's kernel computes in regardless of the model's dtype (None: the model's)."""
+        return KIND_COMPUTE_DTYPE.get(self.kind)
+
+
+@functools.cache
+def _source(module_class: type) -> str:
+    try:
+        return inspect.getsource(module_class.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+@functools.cache
+def _takes_cache(module_class: type) -> bool:
+    try:
+        parameters = inspect.signature(module_class.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cache" in parameters
+
+
+@functools.cache
+def _classify(module_class: type) -> MixerVerdict | None:
+    source = _source(module_class)
+    name = module_class.__name__
+    reads_conv = "update_conv_state(" in source
+    reads_recurrent = "get_recurrent_state(" in source
+    if not (reads_conv or reads_recurrent):
+        return None  # not a mixer that keeps its state in transformers' cache
+    if not _takes_cache(module_class):
+        return MixerVerdict(name, reason=f"{name} keeps a state but its forward takes no `cache`")
+    if not reads_recurrent:
+        if "update_recurrent_state(" in source:
+            return MixerVerdict(name, reason=f"{name} writes a recurrent state it never reads back")
+        return MixerVerdict(name, kind="short_conv")
+    for kind, call in _KERNEL_CALLS.items():
+        if call in source:
+            if not any(argument in source for argument in _INITIAL_STATE_ARGUMENTS):
+                return MixerVerdict(name, reason=f"{name} does not start its scan from the cached state")
+            if not reads_conv or "update_recurrent_state(" not in source:
+                return MixerVerdict(name, reason=f"{name} does not pass its states through the cache interface")
+            return MixerVerdict(name, kind=kind)
+    return MixerVerdict(name, reason=f"{name} runs a recurrence the packed path does not serve yet")
+
+
+def mixer_verdict(module: torch.nn.Module) -> MixerVerdict | None:
+    """The verdict on a module that keeps a per-sequence state in transformers' cache; None for any other module."""
+    return _classify(type(module))
+
+
+def compute_precision(model: torch.nn.Module) -> torch.dtype:
+    """The coarsest precision the packed forward computes in: the model's, or a served mixer's fixed one."""
+    dtypes = [next(model.parameters()).dtype]
+    for module in model.modules():
+        verdict = mixer_verdict(module)
+        if verdict is not None and verdict.compute_dtype is not None:
+            dtypes.append(verdict.compute_dtype)
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps)
