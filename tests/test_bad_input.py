@@ -92,21 +92,24 @@ def test_left_padded_batches_are_refused():
 
 
 def test_unserved_model_falls_back_or_raises_at_construction(tokenizer, tmp_path):
-    """A model the structural check refuses (LFM2: a short convolution carries a state along the row): the default
+    """A model the structural check refuses (Jamba: its Mamba1 scan cannot start from a branch's state): the default
     trains like stock with one warning; the error mode raises before any training."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from trl_prefix_share.core.installer import PrefixShareFallbackWarning
 
     config = AutoConfig.for_model(
-        "lfm2",
+        "jamba",
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        layer_types=["conv", "full_attention"],
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        mamba_d_state=8,
+        mamba_dt_rank=4,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.warns(PrefixShareFallbackWarning, match="carry a state"):

@@ -69,6 +69,20 @@ FAMILY_FIELDS = {
         mamba_headdim=8, mamba_d_state=8, n_mamba_heads=8, layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1]
     ),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "kimi_linear": dict(
+        layer_types=["linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse"],
+        linear_head_dim=8,
+        linear_num_heads=4,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_token=2,
+        num_key_value_heads=4,
+    ),
 }
 #: Sliding windows are set this small, below the test sequences' lengths, wherever a config has one.
 WINDOW = 12

@@ -60,19 +60,23 @@ SLIDING = {
 #: router's gradients carry float32 noise: measured 2.2e-4 relative (gate weights), 4.7e-6 on the loss. Ignoring the
 #: window instead moves the loss by 0.24 and gradients by > 1 relative, so 1e-3 still separates the two by 200x.
 MOE_ROUTER_TOLERANCE = 1e-3
-#: Hybrids whose state-carrying mixers the packed path cannot serve yet (LFM2: short convolution; Nemotron-H: Mamba2).
+#: Hybrids whose state-carrying mixers the packed path does not serve (a Mamba1 selective scan, which transformers'
+#: torch path cannot start from a cached state): Jamba (with attention layers) and Mamba (without).
 HYBRIDS = {
-    "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
-    "nemotron_h": dict(
-        layers_block_type=["linear_attention", "full_attention"],
-        mamba_num_heads=4,
-        mamba_head_dim=16,
-        ssm_state_size=8,
-        n_groups=1,
-        n_routed_experts=4,
-        moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=32,
+    "jamba": dict(
+        num_hidden_layers=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=4,
     ),
+    "mamba": dict(num_hidden_layers=2, state_size=8),
 }
 
 
@@ -168,16 +172,16 @@ def test_hybrid_falls_back_exactly_with_the_probe_off(model_type, saved_model, t
 
 
 def test_error_mode_raises_instead(saved_model, tokenizer, hh_rows):
-    with pytest.raises(UnsupportedModelError, match="Lfm2ShortConv"):
+    with pytest.raises(UnsupportedModelError, match="JambaMambaMixer does not start its multi-token scan from a cached state"):
         PrefixSharedDPOTrainer(
-            model=saved_model("lfm2", **HYBRIDS["lfm2"]),
+            model=saved_model("jamba", **HYBRIDS["jamba"]),
             args=dpo_args(PrefixSharedDPOConfig, on_unsupported_model="error"),
             train_dataset=hh_rows,
             processing_class=tokenizer,
         )
     with pytest.raises(ValueError, match="on_unsupported_model"):
         PrefixSharedDPOTrainer(
-            model=saved_model("lfm2", **HYBRIDS["lfm2"]),
+            model=saved_model("jamba", **HYBRIDS["jamba"]),
             args=dpo_args(PrefixSharedDPOConfig, on_unsupported_model="ignore"),
             train_dataset=hh_rows,
             processing_class=tokenizer,
@@ -214,12 +218,13 @@ def test_structural_check_holds_where_the_probe_is_skipped(saved_model, model_di
 
 
 def test_probe_separates_a_hybrid_from_float_noise_at_initialisation(tokenizer):
-    """LFM2 at its default initialisation drifts from stock by ~1e-5 in log-probability, which the old 1e-3 tolerance
-    let through; the probe's noise-based tolerance (float32 here, as users train) refuses it, and passes Llama."""
+    """LFM2 switched without its short convolutions segmented (a state leaking across documents and branches)
+    drifts from stock by ~1e-5 in log-probability at its default initialisation, which the old 1e-3 tolerance let
+    through; the probe's noise-based tolerance (float32 here, as users train) refuses it, and passes Llama."""
     from trl.trainer.utils import add_fused_lm_head
 
     register_attention()
-    for model_type, extra, should_pass in (("llama", {}, True), ("lfm2", HYBRIDS["lfm2"], False)):
+    for model_type, extra, should_pass in (("llama", {}, True), ("lfm2", {"layer_types": ["conv", "full_attention"]}, False)):
         config = AutoConfig.for_model(model_type, **{**SMALL, "num_hidden_layers": 2, **extra}, vocab_size=512)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -252,7 +257,7 @@ def test_orpo_and_cpo_fall_back_exactly(kind, saved_model, tokenizer):
     from test_orpo_cpo import loss_grads_metrics, make_pair, short_rows
 
     with pytest.warns(PrefixShareFallbackWarning, match="carry a state"):
-        stock, ours = make_pair(kind, saved_model("lfm2", **HYBRIDS["lfm2"]), tokenizer, short_rows("hh_harmless", 4))
+        stock, ours = make_pair(kind, saved_model("jamba", **HYBRIDS["jamba"]), tokenizer, short_rows("hh_harmless", 4))
     our_batch = paired_batch(ours)
     assert PACKED_KEY not in our_batch
     stock_loss, stock_grads, stock_metrics = loss_grads_metrics(stock, paired_batch(stock))
@@ -355,7 +360,7 @@ def test_fallback_training_logs_ratio_one(saved_model, tokenizer, hh_rows):
     def make(cls):
         args = dpo_args(max_steps=2, logging_steps=1, learning_rate=1e-3, gradient_checkpointing=False)
         return cls(
-            model=saved_model("lfm2", **HYBRIDS["lfm2"]), args=args, train_dataset=rows, processing_class=tokenizer
+            model=saved_model("jamba", **HYBRIDS["jamba"]), args=args, train_dataset=rows, processing_class=tokenizer
         )
 
     with pytest.warns(PrefixShareFallbackWarning):

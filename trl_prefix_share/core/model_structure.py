@@ -174,7 +174,12 @@ def stateful_mixers(module: torch.nn.Module) -> list[str]:
             continue
         class_name = type(child).__name__
         words = class_words(class_name)
-        named_like_a_mixer = STATEFUL_MIXER_PATTERN.search(words) and not NOT_A_MIXER_PATTERN.search(words)
+        named_like_a_mixer = (
+            STATEFUL_MIXER_PATTERN.search(words)
+            and not NOT_A_MIXER_PATTERN.search(words)
+            # attention that goes through transformers' interface (``KimiLinearAttention`` is MLA) gets our kernels
+            and "ALL_ATTENTION_FUNCTIONS" not in _forward_source(type(child))
+        )
         if isinstance(child, torch.nn.Conv1d | torch.nn.Conv2d) or named_like_a_mixer:
             found.add(class_name)
     return sorted(found)

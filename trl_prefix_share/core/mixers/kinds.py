@@ -21,12 +21,17 @@ SERVED_MIXER_KINDS = {
     "short_conv": "a gated short convolution (LFM2)",
     "mamba2": "a Mamba2 state-space scan (`mamba2_chunk_scan`)",
     "gated_delta": "a gated delta rule (`chunk_gated_delta_rule`)",
+    "kimi_delta": "a Kimi delta attention (`chunk_kimi_delta_attention`)",
 }
-#: Kinds whose kernels compute in a fixed precision whatever the model's dtype: transformers' gated delta rule (and
-#: the fla kernels it can dispatch to) runs in float32, so a float64 model carries float32 rounding there, and a
-#: different chunking of the same sequence (prefix, then branch) rounds differently.
-KIND_COMPUTE_DTYPE = {"gated_delta": torch.float32}
-_KERNEL_CALLS = {"mamba2": "mamba2_chunk_scan(", "gated_delta": "chunk_gated_delta_rule("}
+#: Kinds whose kernels compute in a fixed precision whatever the model's dtype: transformers' gated delta rule and
+#: Mamba2 scan (and the fla / mamba-ssm kernels they can dispatch to) run in float32, so a float64 model carries
+#: float32 rounding there, and another chunking of the same sequence (prefix, then branch) rounds differently.
+KIND_COMPUTE_DTYPE = {"gated_delta": torch.float32, "mamba2": torch.float32, "kimi_delta": torch.float32}
+_KERNEL_CALLS = {
+    "mamba2": "mamba2_chunk_scan(",
+    "gated_delta": "chunk_gated_delta_rule(",
+    "kimi_delta": "chunk_kimi_delta_attention(",
+}
 _INITIAL_STATE_ARGUMENTS = ("initial_state=recurrent_state", "initial_states=recurrent_state")
 
 
@@ -79,10 +84,10 @@ def _classify(module_class: type) -> MixerVerdict | None:
         if "update_recurrent_state(" in source:
             return MixerVerdict(name, reason=f"{name} writes a recurrent state it never reads back")
         return MixerVerdict(name, kind="short_conv")
+    if not any(argument in source for argument in _INITIAL_STATE_ARGUMENTS):
+        return MixerVerdict(name, reason=f"{name} does not start its multi-token scan from a cached state")
     for kind, call in _KERNEL_CALLS.items():
         if call in source:
-            if not any(argument in source for argument in _INITIAL_STATE_ARGUMENTS):
-                return MixerVerdict(name, reason=f"{name} does not start its scan from the cached state")
             if not reads_conv or "update_recurrent_state(" not in source:
                 return MixerVerdict(name, reason=f"{name} does not pass its states through the cache interface")
             return MixerVerdict(name, kind=kind)
