@@ -92,10 +92,11 @@ MAX_PARAMETERS = 3_000_000
 DTYPE = torch.float64
 TOLERANCE = 1e-5
 #: Families with a served mixer whose kernel computes in float32 whatever the model's dtype (transformers' gated delta
-#: rule): the packed forward runs each sequence's scan in other chunks (the prefix, then the branch from its state),
-#: so that float32 rounding differs from stock's (measured up to 1.1e-4 relative, on the gradient of a decay bias); a state leaked across
-#: documents or branches moves them by more than 1e-2.
-FLOAT32_MIXER_TOLERANCE = 1e-3
+#: rule, Mamba2 scan): the packed forward runs each sequence's scan in other chunks (the prefix, then the branch from
+#: its state), so that float32 rounding differs from stock's. It shows on the decay parameters' tiny gradients, so
+#: those families compare gradients below this share of the largest against it (tests/test_hybrid_mixers.py shows
+#: the rest of the difference vanishes with the kernel in float64).
+FLOAT32_KERNEL_GRADIENT_FLOOR = 1e-2
 #: Gradients smaller than this share of the largest one are compared against that floor instead of their own size:
 #: some are zero in theory (a key bias does not change a softmax) and hold only rounding noise.
 GRADIENT_FLOOR = 1e-6
@@ -236,7 +237,7 @@ def check_family(model_type: str, examples: list[dict[str, list[int]]]) -> str:
         assert model.config._attn_implementation != "prefix_share"  # restored: stock numerics
         return f"exact fallback: {trainer.prefix_share_fallback}"
     mask = labels[:, 1:] != -100
-    tolerance = TOLERANCE if compute_precision(model) == DTYPE else FLOAT32_MIXER_TOLERANCE
+    floor_share = GRADIENT_FLOOR if compute_precision(model) == DTYPE else FLOAT32_KERNEL_GRADIENT_FLOOR
     packed = model(
         input_ids=batch["input_ids"],
         labels=labels,
@@ -245,7 +246,7 @@ def check_family(model_type: str, examples: list[dict[str, list[int]]]) -> str:
         **{PACKED_KEY: batch[PACKED_KEY]},
     ).log_probs
     difference = relative(packed[mask], expected[mask])
-    assert difference <= tolerance, f"{model_type}: packed log-probs differ by {difference:.2e} relative"
+    assert difference <= TOLERANCE, f"{model_type}: packed log-probs differ by {difference:.2e} relative"
     stock_grads = grads_of(model, log_probs_alone(model, batch, labels)[mask].sum())
     our_grads = grads_of(
         model,
@@ -260,10 +261,10 @@ def check_family(model_type: str, examples: list[dict[str, list[int]]]) -> str:
         .sum(),
     )
     assert stock_grads.keys() == our_grads.keys() and stock_grads, f"{model_type}: different parameters get gradients"
-    floor = GRADIENT_FLOOR * max(grad.double().norm().item() for grad in stock_grads.values())
+    floor = floor_share * max(grad.double().norm().item() for grad in stock_grads.values())
     for name, grad in stock_grads.items():
         difference = (our_grads[name].double() - grad.double()).norm().item() / max(grad.double().norm().item(), floor)
-        assert difference <= tolerance, f"{model_type}: gradient of {name} differs by {difference:.2e} relative"
+        assert difference <= TOLERANCE, f"{model_type}: gradient of {name} differs by {difference:.2e} relative"
     return SERVED
 
 

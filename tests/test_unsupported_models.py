@@ -172,7 +172,9 @@ def test_hybrid_falls_back_exactly_with_the_probe_off(model_type, saved_model, t
 
 
 def test_error_mode_raises_instead(saved_model, tokenizer, hh_rows):
-    with pytest.raises(UnsupportedModelError, match="JambaMambaMixer does not start its multi-token scan from a cached state"):
+    with pytest.raises(
+        UnsupportedModelError, match="JambaMambaMixer does not start its multi-token scan from a cached state"
+    ):
         PrefixSharedDPOTrainer(
             model=saved_model("jamba", **HYBRIDS["jamba"]),
             args=dpo_args(PrefixSharedDPOConfig, on_unsupported_model="error"),
@@ -224,7 +226,10 @@ def test_probe_separates_a_hybrid_from_float_noise_at_initialisation(tokenizer):
     from trl.trainer.utils import add_fused_lm_head
 
     register_attention()
-    for model_type, extra, should_pass in (("llama", {}, True), ("lfm2", {"layer_types": ["conv", "full_attention"]}, False)):
+    for model_type, extra, should_pass in (
+        ("llama", {}, True),
+        ("lfm2", {"layer_types": ["conv", "full_attention"]}, False),
+    ):
         config = AutoConfig.for_model(model_type, **{**SMALL, "num_hidden_layers": 2, **extra}, vocab_size=512)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -9,8 +9,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
-from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.layout import move_to_device
+from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.mixers.segmented import install_segmented_mixers
 from trl_prefix_share.core.model_structure import ModelStructure, inspect_model, stamp_layer_windows
 from trl_prefix_share.core.packed_forward import install_packed_forward

@@ -18,8 +18,8 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention import layout_for_batch, packed_forward_scope
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
-from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.layout import move_to_device
+from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.model_support import (
     UnsupportedModelError,
     clipped_windows,

@@ -1,0 +1,290 @@
+"""Hybrid models (short convolutions, Mamba2 scans, gated delta rules next to attention) against stock TRL.
+
+In a packed row every document's mixer state must start at zero and every branch must continue from the state at the
+end of its shared prefix (`core/mixers`). The stock trainers run each sequence in its own padded row, so equal losses,
+gradients (through the prefix's state into both branches) and metrics show both. The Mamba2 chunk size is set below
+the sequence lengths, so a branch's scan starts mid-chunk from a handed-in state; the gated delta rule's fixed chunk
+(64) is crossed by these sequences too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_dataset_rows
+from datasets import Dataset
+from equivalence import EQUIVALENCE_DTYPE, assert_equivalent, first_batch, perturb, relative_difference
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.core.mixers import segmented
+from trl_prefix_share.core.mixers.kinds import mixer_verdict
+from trl_prefix_share.core.mixers.segments import build_segments
+from trl_prefix_share.core.model_structure import inspect_model
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+GATED_DELTA = dict(
+    layer_types=["linear_attention", "full_attention"],
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+)
+MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16)
+#: One mixer layer and one attention layer per family (the issue's list: Qwen3.5 / Qwen3-Next gated delta rule,
+#: Nemotron-H / Granite 4 hybrid / Falcon-H1 Mamba2, LFM2 short convolution).
+FAMILIES = {
+    "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
+    "qwen3_5_text": dict(num_hidden_layers=2, **GATED_DELTA),
+    "qwen3_next": dict(
+        num_hidden_layers=2,
+        **GATED_DELTA,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    ),
+    "nemotron_h": dict(
+        layers_block_type=["mamba", "attention"],
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        ssm_state_size=8,
+        n_groups=1,
+        chunk_size=16,
+    ),
+    # `num_experts` too: TRL's fused head reads that name for the router's aux loss of every MoE.
+    "granitemoehybrid": dict(
+        num_hidden_layers=2,
+        layer_types=["mamba", "attention"],
+        **MAMBA2,
+        num_local_experts=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "falcon_h1": dict(num_hidden_layers=2, mamba_d_ssm=64, **MAMBA2),
+}
+#: The mixer kind each family must be served with (read from its code by `core/mixers/kinds.py`).
+KINDS = {
+    "lfm2": "short_conv",
+    "qwen3_5_text": "gated_delta",
+    "qwen3_next": "gated_delta",
+    "nemotron_h": "mamba2",
+    "granitemoehybrid": "mamba2",
+    "falcon_h1": "mamba2",
+}
+#: transformers' gated delta rule and Mamba2 scan compute in float32 whatever the model's dtype (`.float()` inside the
+#: kernels), and the packed run chunks each sequence differently (the prefix, then each branch from its state), so
+#: those families carry float32 rounding that stock's single chunking does not. It shows on the decay parameters
+#: (`A_log`, `dt_bias`), whose gradients are ~1e-6 of the largest and come out of the float32 scan alone: Qwen3-Next's
+#: `dt_bias` gradient differs by 1.45e-2 of its own size (3e-8 of the largest gradient), and by 3e-8 when the kernel
+#: runs in float64 (test_the_float32_kernel_is_the_whole_difference). Gradients below GRADIENT_FLOOR x the largest
+#: are therefore compared against that floor; everything else holds 1e-5 of its own size, and a branch started from a
+#: zero state instead of its prefix's moves the loss by > 1e-2 (test_a_branch_without_its_prefix_state_is_caught).
+GRADIENT_FLOOR = 1e-2
+
+
+def compare(stock, ours, stock_batch, our_batch) -> None:
+    assert_equivalent(stock, ours, stock_batch, our_batch, gradient_floor=GRADIENT_FLOOR)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer):
+    """Factory: path of a saved tiny float64 causal LM of a hybrid family."""
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            config = AutoConfig.for_model(
+                family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SMALL, **FAMILIES[family]
+            )
+            torch.manual_seed(0)
+            path = tmp_path_factory.mktemp(family)
+            AutoModelForCausalLM.from_config(config, dtype=EQUIVALENCE_DTYPE).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            cache[family] = str(path)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hh_rows():
+    return load_dataset_rows("hh_harmless", 8)
+
+
+@pytest.fixture(scope="module")
+def shared_prompt_rows():
+    """Three pairs of one prompt and one pair of another: with grouping, a document of six branches (K > 2)."""
+    rows = load_dataset_rows("ultrafeedback", 4).to_list()
+    for row in rows[1:3]:
+        row["prompt"] = rows[0]["prompt"]
+    return Dataset.from_list(rows)
+
+
+def dpo_pair(saved, family, tokenizer, rows, **config):
+    from test_dpo_equivalence import dpo_args, make_pair
+
+    from trl_prefix_share import PrefixSharedDPOConfig
+
+    def args_factory():
+        return dpo_args(PrefixSharedDPOConfig, **config) if config else dpo_args()
+
+    stock, ours = make_pair(saved(family), tokenizer, rows, args_factory=args_factory)
+    assert ours.prefix_share_fallback is None, ours.prefix_share_fallback
+    return stock, ours
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_matches_stock(family, saved, tokenizer, hh_rows):
+    stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
+    kinds = {v.kind for v in map(mixer_verdict, ours.model.modules()) if v is not None}
+    assert kinds == {KINDS[family]}
+    stock_batch, our_batch = first_batch(stock, 4), first_batch(ours, 4)
+    packed = our_batch[PACKED_KEY]
+    assert packed["input_ids"].size(0) < stock_batch["input_ids"].size(0)  # several documents per row
+    assert packed["input_ids"].numel() < stock_batch["input_ids"].numel()
+    compare(stock, ours, stock_batch, our_batch)
+
+
+def test_k_branches_per_prompt_match_stock(saved, tokenizer, shared_prompt_rows, monkeypatch):
+    """Qwen3.5: three pairs of one prompt packed as one document of six branches, each from the prefix's state; the
+    kernel in float64 (see test_the_float32_kernel_is_the_whole_difference), so every gradient holds 1e-5."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+
+    run_kernel_in_float64(monkeypatch, qwen3_5)
+    stock, ours = dpo_pair(saved, "qwen3_5_text", tokenizer, shared_prompt_rows, group_by_prompt=True)
+    stock_batch, our_batch = first_batch(stock, 4), first_batch(ours, 4)
+    branch_ids = our_batch[PACKED_KEY]["branch_ids"]
+    document_ids = our_batch[PACKED_KEY]["document_ids"]
+    assert int(branch_ids[document_ids == document_ids[0, 0]].max()) == 6
+    assert_equivalent(stock, ours, stock_batch, our_batch)
+
+
+def test_gradient_checkpointing_recomputes_the_segmented_mixers(saved, tokenizer, hh_rows):
+    """The layout reaches each mixer through the layer's keyword arguments, which checkpointing replays."""
+    stock, ours = dpo_pair(saved, "lfm2", tokenizer, hh_rows)
+    for trainer in (stock, ours):
+        trainer.model.gradient_checkpointing_enable()  # what `train()` does with `gradient_checkpointing=True`
+    calls = []
+    original = segmented.run_segmented
+    segmented.run_segmented = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    try:
+        assert_equivalent(stock, ours, first_batch(stock, 4), first_batch(ours, 4))
+    finally:
+        segmented.run_segmented = original
+    assert len(calls) == 3  # the policy forward, the reference forward, and the policy's recomputation
+
+
+def test_a_branch_without_its_prefix_state_is_caught(saved, tokenizer, hh_rows, monkeypatch):
+    """The comparison can fail: branches that start from a zero state (the prefix's state dropped) or that see their
+    prefix's state leak into the next document move the loss far past the tolerance."""
+    stock, ours = dpo_pair(saved, "qwen3_5_text", tokenizer, hh_rows)
+    stock_batch, our_batch = first_batch(stock, 4), first_batch(ours, 4)
+    from equivalence import loss_and_grads
+
+    expected, _, _ = loss_and_grads(stock, stock_batch)
+    original = segmented.build_segments
+
+    def without_prefix_state(document_ids, branch_ids):
+        segments = original(document_ids, branch_ids)
+        return type(segments)(
+            segments.prefix_groups, segments.branches, torch.zeros_like(segments.branch_parent), segments.num_tokens
+        )
+
+    monkeypatch.setattr(segmented, "build_segments", without_prefix_state)
+    broken, _, _ = loss_and_grads(ours, our_batch)
+    assert relative_difference(broken, expected) > 1e-2
+
+
+def test_mixer_kinds_are_read_from_their_code():
+    """Served kinds by the kernel their forward calls with the cached state; Mamba1 scans, which transformers' torch
+    path cannot start from a cached state, are refused with that reason; plain modules are not mixers."""
+    from transformers.models.jamba.modeling_jamba import JambaMambaMixer
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2ShortConv
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    from trl_prefix_share.core.mixers.kinds import _classify
+
+    assert _classify(Lfm2ShortConv).kind == "short_conv"
+    assert _classify(Qwen3NextGatedDeltaNet).kind == "gated_delta"
+    for mamba1 in (MambaMixer, JambaMambaMixer):
+        verdict = _classify(mamba1)
+        assert not verdict.served and "does not start its multi-token scan from a cached state" in verdict.reason
+    assert _classify(torch.nn.Linear) is None
+
+    class StateButNoCache(torch.nn.Module):
+        def forward(self, hidden_states, state=None):
+            return state.get_recurrent_state(0) + hidden_states
+
+    assert "takes no `cache`" in _classify(StateButNoCache).reason
+
+
+def test_segments_of_a_packed_layout():
+    """Prefixes grouped by length with a zero start; branches right-padded, each pointing at its own prefix's state
+    (0: a document that shares nothing); row padding in no segment."""
+    # row 0: doc 0 = prefix(3) + branches(2, 4); doc 1 = unshared branch(3); row 1: doc 2 = prefix(3) + branch(1), pad
+    document_ids = torch.tensor([[0] * 9 + [1] * 3, [2] * 4 + [-1] * 8])
+    branch_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 1], [0, 0, 0, 1] + [-1] * 8])
+    segments = build_segments(document_ids, branch_ids)
+    assert len(segments.prefix_groups) == 1
+    assert segments.prefix_groups[0].index.tolist() == [[0, 1, 2], [12, 13, 14]]
+    branches = segments.branches
+    assert branches.index.size(1) == 4
+    assert [row[mask].tolist() for row, mask in zip(branches.index, branches.valid, strict=True)] == [
+        [3, 4],
+        [5, 6, 7, 8],
+        [9, 10, 11],
+        [15],
+    ]
+    assert segments.branch_parent.tolist() == [1, 1, 0, 2]
+
+
+def test_every_family_here_passes_the_structural_check(saved):
+    """The structural verdict of every family here: served (no reason), whatever the probe says."""
+    for family in FAMILIES:
+        model = AutoModelForCausalLM.from_pretrained(saved(family))
+        assert inspect_model(model).served, (family, inspect_model(model).describe())
+
+
+def test_switched_hybrid_generates_like_stock(saved, tokenizer):
+    """Outside a packed forward the mixers run untouched: generation with a cache and left padding is stock's."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from trl_prefix_share.core.model_support import enable_prefix_sharing
+
+    stock = AutoModelForCausalLM.from_pretrained(saved("qwen3_5_text"), dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(saved("qwen3_5_text"), dtype=torch.float32)
+    for model in (stock, ours):
+        perturb(model)
+        model.eval()
+    add_fused_lm_head(ours)
+    enable_prefix_sharing(ours, "sdpa")
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["Hello there, how", "A longer prompt that needs no padding"], return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(stock.generate(**batch, **kwargs), ours.generate(**batch, **kwargs))
+
+
+def run_kernel_in_float64(monkeypatch, module, name: str = "torch_chunk_gated_delta_rule") -> None:
+    """Replace a transformers kernel by its own source with the float32 casts turned to float64 (test only)."""
+    import inspect
+
+    kernel = getattr(module, name)
+    source = inspect.getsource(getattr(kernel, "__wrapped__", kernel))
+    source = "\n".join(line for line in source.splitlines() if not line.startswith("@"))
+    namespace = dict(vars(module))
+    exec(source.replace("torch.float32", "torch.float64"), namespace)  # noqa: S102 - transformers' own source
+    monkeypatch.setattr(module, name, namespace[name])
+
+
+def test_the_float32_kernel_is_the_whole_difference(saved, tokenizer, hh_rows, monkeypatch):
+    """With transformers' gated delta rule run in float64 (its own code, the float32 casts turned to float64 here),
+    every gradient of Qwen3-Next matches stock within 1e-5 of its own size, the decay parameters' included: what the
+    gradient floor allows for is the kernel's float32 rounding, not the segmentation."""
+    import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
+
+    run_kernel_in_float64(monkeypatch, qwen3_next)
+    stock, ours = dpo_pair(saved, "qwen3_next", tokenizer, hh_rows)
+    assert_equivalent(stock, ours, first_batch(stock, 4), first_batch(ours, 4))
