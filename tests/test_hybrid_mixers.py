@@ -288,3 +288,63 @@ def test_the_float32_kernel_is_the_whole_difference(saved, tokenizer, hh_rows, m
     run_kernel_in_float64(monkeypatch, qwen3_next)
     stock, ours = dpo_pair(saved, "qwen3_next", tokenizer, hh_rows)
     assert_equivalent(stock, ours, first_batch(stock, 4), first_batch(ours, 4))
+
+
+# -- the other trainers ------------------------------------------------------------------------------------------------
+
+
+def test_reward_model_matches_stock(saved, tokenizer, hh_rows, tmp_path, monkeypatch):
+    """Qwen3-Next as a reward model (its sequence-classification head reads each branch's last token), the kernel in
+    float64 so every gradient holds 1e-5."""
+    import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
+    from test_reward import make_pair
+    from transformers import AutoModelForSequenceClassification
+
+    run_kernel_in_float64(monkeypatch, qwen3_next)
+    config = AutoConfig.from_pretrained(saved("qwen3_next"), num_labels=1)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config, dtype=EQUIVALENCE_DTYPE).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    stock, ours = make_pair(str(tmp_path), tokenizer, hh_rows)
+    assert ours.prefix_share_fallback is None
+    assert_equivalent(stock, ours, first_batch(stock, 4), first_batch(ours, 4))
+
+
+@pytest.mark.parametrize("kind", ["orpo", "cpo"])
+def test_orpo_and_simpo_match_stock(kind, saved, tokenizer):
+    """ORPO (the prompt scored too) on Nemotron-H's Mamba2, SimPO on LFM2's convolution."""
+    from test_orpo_cpo import assert_equivalent as paired_equivalent
+    from test_orpo_cpo import first_batch as paired_batch
+    from test_orpo_cpo import make_pair, short_rows
+
+    family, config = ("nemotron_h", {}) if kind == "orpo" else ("lfm2", {"loss_type": "simpo", "cpo_alpha": 0.0})
+    stock, ours = make_pair(kind, saved(family), tokenizer, short_rows("hh_helpful", 8), **config)
+    assert ours.prefix_share_fallback is None
+    paired_equivalent(stock, ours, paired_batch(stock), paired_batch(ours))
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5_text"])
+def test_grpo_matches_stock(family, saved, tokenizer, monkeypatch):
+    """GRPO's left-padded prompts: stock zeroes the padding before each mixer (its own padding mask); the packed
+    rows hold none. Same completions from one seed, then old-policy and reference log-probs, loss, gradients and
+    metrics of the policy step."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+    from online_setup import generate_and_score, generation_batch, real_prompts
+    from test_online_equivalence import build, masked_relative
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_prefix_share.trainers.online.grpo import PrefixSharedGRPOTrainer
+
+    run_kernel_in_float64(monkeypatch, qwen3_5)  # every gradient at 1e-5 (see the float32 kernel test above)
+    dataset = real_prompts(3)
+    fields = dict(beta=0.1, num_iterations=2)
+    stock = build(GRPOTrainer, GRPOConfig, saved(family), tokenizer, dataset, **fields)
+    ours = build(PrefixSharedGRPOTrainer, GRPOConfig, saved(family), tokenizer, dataset, **fields)
+    assert ours.prefix_share_enabled and ours.prefix_share_fallback is None
+    batch = generation_batch(dataset, 3)
+    expected, actual = generate_and_score(stock, batch), generate_and_score(ours, batch)
+    assert torch.equal(actual["completion_ids"], expected["completion_ids"])
+    assert bool((expected["prompt_mask"] == 0).any())  # left padding in stock's rows
+    for key in ("old_per_token_logps", "ref_per_token_logps"):
+        assert masked_relative(actual[key], expected[key], expected["completion_mask"]) <= 1e-5, key
+    assert_equivalent(stock, ours, expected, expected)
