@@ -129,3 +129,29 @@ def test_compiled_flex_softcap_and_sinks_match_the_explicit_kernel():
     assert relative_difference(flex[real], explicit[real]) <= 10 * RELATIVE_TOLERANCE
     for got, expected in zip(flex_grads, explicit_grads, strict=True):
         assert relative_difference(got, expected) <= 10 * RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "nemotron_h"])
+def test_hybrid_flex_kernel_fp32_matches_stock(family, tokenizer, tmp_path):
+    """Hybrids on CUDA: FlexAttention for the attention layers, the segmented mixers (transformers' CUDA kernels
+    where installed, which take the handed-in states too) for the others. Gradients below 1e-2 of the largest are
+    held against that floor: the scans round in float32 and chunk a packed sequence differently (see
+    tests/test_hybrid_mixers.py)."""
+    from test_hybrid_mixers import FAMILIES, SMALL
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SMALL, **FAMILIES[family]
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    rows = load_dataset_rows("hh_harmless", 8)
+    _, stock_loss, stock_grads = run(DPOTrainer, str(tmp_path), tokenizer, rows, bf16=False)
+    ours, our_loss, our_grads = run(PrefixSharedDPOTrainer, str(tmp_path), tokenizer, rows, bf16=False)
+    assert ours.prefix_share_kernel == "flex" and ours.prefix_share_fallback is None
+    assert relative_difference(our_loss, stock_loss) <= 10 * RELATIVE_TOLERANCE
+    floor = 1e-2 * max(grad.norm().item() for grad in stock_grads.values())
+    for name, expected in stock_grads.items():
+        difference = (our_grads[name] - expected).norm().item() / max(expected.norm().item(), floor)
+        assert difference <= 10 * RELATIVE_TOLERANCE, name

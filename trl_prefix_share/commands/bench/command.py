@@ -125,6 +125,7 @@ def shape_from(args: argparse.Namespace) -> ModelShape:
         kv_heads=heads if args.heads else preset.kv_heads,
         intermediate=None if args.hidden else preset.intermediate,
         tie_embeddings=preset.tie_embeddings,
+        extra_config=preset.extra_config if (args.family or preset.family) == preset.family else (),
     )
 
 

@@ -20,20 +20,43 @@ class ModelShape:
     kv_heads: int = 4
     intermediate: int | None = None
     tie_embeddings: bool = False
+    #: Further config fields of the family (a hybrid's mixer sizes), as ``(name, value)`` pairs.
+    extra_config: tuple[tuple[str, object], ...] = ()
 
     def describe(self) -> str:
         tied = ", tied embeddings" if self.tie_embeddings else ""
         return f"{self.family} {self.layers}x{self.hidden} ({self.heads} heads, {self.kv_heads} kv{tied})"
 
 
-#: Shapes by name. All but "tiny" copy a published config's sizes (vocab comes from the tokenizer): "smollm-135m" is
-#: the model family of the shared SmolLM tokenizer, a real model body whose DPO step still takes 20-110 s on a 2-core
-#: CPU (stock TRL's included), so a full ablation fits in an hour there.
+#: Qwen3.5's text model scaled to a CPU: its layer pattern (three gated-delta layers, then one attention layer) and its
+#: head ratios (value heads twice the key heads, attention head_dim 1/16 of the default 4096 width), at width 256.
+QWEN3_5_SCALED = ModelShape(
+    "qwen3_5_text",
+    8,
+    256,
+    4,
+    2,
+    768,
+    tie_embeddings=True,
+    extra_config=(
+        ("head_dim", 64),
+        ("linear_num_key_heads", 4),
+        ("linear_num_value_heads", 8),
+        ("linear_key_head_dim", 32),
+        ("linear_value_head_dim", 32),
+    ),
+)
+
+
+#: Shapes by name. All but "tiny" and "qwen3.5-scaled" copy a published config's sizes (vocab comes from the
+#: tokenizer): "smollm-135m" is the model family of the shared SmolLM tokenizer, a real model body whose DPO step still
+#: takes 20-110 s on a 2-core CPU (stock TRL's included), so a full ablation fits in an hour there.
 PRESETS: dict[str, ModelShape] = {
     "tiny": ModelShape(),
     "smollm-135m": ModelShape("llama", 30, 576, 9, 3, 1536, tie_embeddings=True),
     "qwen2.5-0.5b": ModelShape("qwen2", 24, 896, 14, 2, 4864, tie_embeddings=True),
     "qwen2.5-1.5b": ModelShape("qwen2", 28, 1536, 12, 2, 8960, tie_embeddings=True),
+    "qwen3.5-scaled": QWEN3_5_SCALED,
 }
 
 
@@ -58,6 +81,7 @@ def build_model_dir(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **dict(shape.extra_config),
     )
     torch.manual_seed(seed)
     model_class = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
