@@ -140,8 +140,13 @@ def test_hybrid_flex_kernel_fp32_matches_stock(family, tokenizer, tmp_path):
     from test_hybrid_mixers import FAMILIES, SMALL
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    fields = dict(FAMILIES[family])
     config = AutoConfig.for_model(
-        family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SMALL, **FAMILIES[family]
+        fields.pop("model_type", family),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        **SMALL,
+        **fields,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from trl_prefix_share.core.collator import PACKED_KEY
 from trl_prefix_share.core.mixers import segmented
-from trl_prefix_share.core.mixers.kinds import mixer_verdict
+from trl_prefix_share.core.mixers.kinds import left_padding_keeps_zero_state, mixer_verdict
 from trl_prefix_share.core.mixers.segments import build_segments
 from trl_prefix_share.core.model_structure import inspect_model
 
@@ -35,6 +35,8 @@ MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=
 #: Nemotron-H / Granite 4 hybrid / Falcon-H1 Mamba2, LFM2 short convolution).
 FAMILIES = {
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
+    # Biased projections: zeroed left padding would not keep the state at zero, so prefixes run grouped by length.
+    "lfm2_biased": dict(model_type="lfm2", num_hidden_layers=2, layer_types=["conv", "full_attention"], conv_bias=True),
     "qwen3_5_text": dict(num_hidden_layers=2, **GATED_DELTA),
     "qwen3_next": dict(
         num_hidden_layers=2,
@@ -66,6 +68,7 @@ FAMILIES = {
 #: The mixer kind each family must be served with (read from its code by `core/mixers/kinds.py`).
 KINDS = {
     "lfm2": "short_conv",
+    "lfm2_biased": "short_conv",
     "qwen3_5_text": "gated_delta",
     "qwen3_next": "gated_delta",
     "nemotron_h": "mamba2",
@@ -94,8 +97,10 @@ def saved(tmp_path_factory, tokenizer):
 
     def get(family: str) -> str:
         if family not in cache:
+            fields = dict(FAMILIES[family])
+            model_type = fields.pop("model_type", family)
             config = AutoConfig.for_model(
-                family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SMALL, **FAMILIES[family]
+                model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SMALL, **fields
             )
             torch.manual_seed(0)
             path = tmp_path_factory.mktemp(family)
@@ -136,9 +141,13 @@ def dpo_pair(saved, family, tokenizer, rows, **config):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dpo_matches_stock(family, saved, tokenizer, hh_rows):
+    """Prefixes of several lengths in one left-padded call (bias-free mixers, and Mamba2, which masks again after its
+    biased convolution), or grouped by length (LFM2 with biases)."""
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
-    kinds = {v.kind for v in map(mixer_verdict, ours.model.modules()) if v is not None}
-    assert kinds == {KINDS[family]}
+    mixers = [(m, v) for m, v in ((m, mixer_verdict(m)) for m in ours.model.modules()) if v is not None]
+    assert {verdict.kind for _, verdict in mixers} == {KINDS[family]}
+    left_padded = {left_padding_keeps_zero_state(module, verdict) for module, verdict in mixers}
+    assert left_padded == {family != "lfm2_biased"}
     stock_batch, our_batch = first_batch(stock, 4), first_batch(ours, 4)
     packed = our_batch[PACKED_KEY]
     assert packed["input_ids"].size(0) < stock_batch["input_ids"].size(0)  # several documents per row
@@ -221,23 +230,47 @@ def test_mixer_kinds_are_read_from_their_code():
 
 
 def test_segments_of_a_packed_layout():
-    """Prefixes grouped by length with a zero start; branches right-padded, each pointing at its own prefix's state
-    (0: a document that shares nothing); row padding in no segment."""
-    # row 0: doc 0 = prefix(3) + branches(2, 4); doc 1 = unshared branch(3); row 1: doc 2 = prefix(3) + branch(1), pad
+    """Prefixes grouped by length, or all in one left-padded batch ranked alike; branches right-padded, each pointing
+    at its own prefix's state (0: a document that shares nothing); row padding in no segment."""
+    # row 0: doc 0 = prefix(3) + branches(2, 4); doc 1 = unshared branch(3); row 1: doc 2 = prefix(2) + branch(2), pad
     document_ids = torch.tensor([[0] * 9 + [1] * 3, [2] * 4 + [-1] * 8])
-    branch_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 1], [0, 0, 0, 1] + [-1] * 8])
+    branch_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 1], [0, 0, 1, 1] + [-1] * 8])
     segments = build_segments(document_ids, branch_ids)
-    assert len(segments.prefix_groups) == 1
-    assert segments.prefix_groups[0].index.tolist() == [[0, 1, 2], [12, 13, 14]]
+    assert [group.index.tolist() for group in segments.prefix_groups] == [[[12, 13]], [[0, 1, 2]]]
+    left_padded = segments.prefixes_left_padded
+    assert [row[mask].tolist() for row, mask in zip(left_padded.index, left_padded.valid, strict=True)] == [
+        [12, 13],
+        [0, 1, 2],
+    ]
+    assert left_padded.valid.tolist() == [[False, True, True], [True, True, True]]
     branches = segments.branches
     assert branches.index.size(1) == 4
     assert [row[mask].tolist() for row, mask in zip(branches.index, branches.valid, strict=True)] == [
         [3, 4],
         [5, 6, 7, 8],
         [9, 10, 11],
-        [15],
+        [14, 15],
     ]
-    assert segments.branch_parent.tolist() == [1, 1, 0, 2]
+    assert segments.branch_parent.tolist() == [2, 2, 0, 1]
+
+
+def test_left_padding_is_used_only_where_it_keeps_a_zero_state():
+    """Bias-free mixers and Mamba2 (which masks again after its biased convolution) share one left-padded prefix
+    call; a biased projection sends the prefixes through length groups instead."""
+    from transformers.models.lfm2.configuration_lfm2 import Lfm2Config
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2ShortConv
+    from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+
+    def verdict_of(module):
+        return left_padding_keeps_zero_state(module, mixer_verdict(module))
+
+    small = dict(hidden_size=32, num_hidden_layers=2, layer_types=["conv", "full_attention"])
+    assert verdict_of(Lfm2ShortConv(Lfm2Config(**small), 0))
+    assert not verdict_of(Lfm2ShortConv(Lfm2Config(**small, conv_bias=True), 0))
+    mamba = dict(FAMILIES["nemotron_h"], hidden_size=32)
+    assert verdict_of(NemotronHMamba2Mixer(NemotronHConfig(**mamba, use_conv_bias=True), 0))
+    assert not verdict_of(NemotronHMamba2Mixer(NemotronHConfig(**mamba, use_bias=True), 0))
 
 
 def test_every_family_here_passes_the_structural_check(saved):
@@ -348,3 +381,17 @@ def test_grpo_matches_stock(family, saved, tokenizer, monkeypatch):
     for key in ("old_per_token_logps", "ref_per_token_logps"):
         assert masked_relative(actual[key], expected[key], expected["completion_mask"]) <= 1e-5, key
     assert_equivalent(stock, ours, expected, expected)
+
+
+def test_lora_on_the_mixers_matches_stock(saved, tokenizer, hh_rows, monkeypatch):
+    """LoRA inside the gated-delta layers (its projections) and on attention: the adapter-disabled reference and the
+    policy both run the segmented mixers; the kernel in float64, so every gradient holds 1e-5."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+    from peft import LoraConfig
+    from test_dpo_equivalence import make_pair
+
+    run_kernel_in_float64(monkeypatch, qwen3_5)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj_qkv", "out_proj", "q_proj"], task_type="CAUSAL_LM")
+    stock, ours = make_pair(saved("qwen3_5_text"), tokenizer, hh_rows, perturb_only="lora_B", peft_config=lora)
+    assert ours.prefix_share_fallback is None
+    assert_equivalent(stock, ours, first_batch(stock, 4), first_batch(ours, 4))

@@ -107,3 +107,19 @@ def compute_precision(model: torch.nn.Module) -> torch.dtype:
         if verdict is not None and verdict.compute_dtype is not None:
             dtypes.append(verdict.compute_dtype)
     return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps)
+
+
+def left_padding_keeps_zero_state(module: torch.nn.Module, verdict: MixerVerdict) -> bool:
+    """Whether zeroed inputs in front of a sequence leave the mixer's state exactly zero, so prefixes of different
+    lengths can share one left-padded call (given the padding mask, as stock's left-padded batches are).
+
+    True when no projection or convolution of the mixer adds a bias: a zero input then gives zero convolution inputs,
+    keys, values (gated and Kimi delta rules) and zero scan inputs (Mamba2), and a zero state only decays. A Mamba2
+    mixer with a convolution bias qualifies too when it masks the padding again after its convolution, as
+    transformers' do. Otherwise the prefixes run grouped by length, unpadded."""
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)]
+    if all(getattr(layer, "bias", None) is None for layer in layers):
+        return True
+    masks_after_conv = _source(type(module)).count("apply_mask_to_padding_states(") >= 2
+    linear_biases = [m.bias for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    return verdict.kind == "mamba2" and masks_after_conv and all(bias is None for bias in linear_biases)

@@ -16,8 +16,8 @@ import torch
 
 from trl_prefix_share.core.attention import is_packed_forward_active
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
-from trl_prefix_share.core.mixers.kinds import mixer_verdict
-from trl_prefix_share.core.mixers.segments import MixerSegments, build_segments
+from trl_prefix_share.core.mixers.kinds import left_padding_keeps_zero_state, mixer_verdict
+from trl_prefix_share.core.mixers.segments import MixerSegments, SegmentBatch, build_segments
 from trl_prefix_share.core.mixers.state_carrier import StateCarrier
 
 _MARK = "_prefix_share_segmented"
@@ -45,16 +45,45 @@ def _stack_states(per_group: list[dict[tuple[str, int], torch.Tensor]]) -> dict[
     return tables
 
 
-def run_segmented(mixer_forward, hidden_states: torch.Tensor, segments: MixerSegments, **kwargs: Any) -> torch.Tensor:
+def _run_prefixes_left_padded(mixer_forward, flat: torch.Tensor, prefixes: SegmentBatch, **kwargs: Any):
+    """All prefixes in one call, left-padded with zeroed inputs and the padding mask (see
+    `kinds.left_padding_keeps_zero_state`): each ends in the last slot, so the final states are its own."""
+    mask = prefixes.valid
+    carrier = StateCarrier()
+    inputs = flat[prefixes.index] * mask[..., None].to(flat.dtype)
+    out = mixer_forward(inputs, cache=carrier, attention_mask=mask.long(), **kwargs)
+    states = carrier.final_states()
+    for (kind, index), state in list(states.items()):
+        if kind == "conv":  # columns left of a short prefix are padding: zero, as a zero initial state
+            width = state.size(-1)
+            padded = torch.nn.functional.pad(mask, (width, 0))[:, -width:]
+            states[(kind, index)] = state * padded[:, None, :].to(state.dtype)
+    valid = mask.reshape(-1)
+    return out.reshape(-1, out.size(-1))[valid], prefixes.index.reshape(-1)[valid], states
+
+
+def run_segmented(
+    mixer_forward,
+    hidden_states: torch.Tensor,
+    segments: MixerSegments,
+    left_pad_prefixes: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor:
     """The mixer's output for every packed position, each run seeing exactly its own sequence's past."""
     flat = hidden_states.reshape(-1, hidden_states.size(-1))
     outputs, places, final_states = [], [], []
-    for group in segments.prefix_groups:
-        carrier = StateCarrier()
-        out = mixer_forward(flat[group.index], cache=carrier, attention_mask=None, **kwargs)
-        outputs.append(out.reshape(-1, out.size(-1)))
-        places.append(group.index.reshape(-1))
-        final_states.append(carrier.final_states())
+    if left_pad_prefixes and segments.prefixes_left_padded is not None:
+        out, place, states = _run_prefixes_left_padded(mixer_forward, flat, segments.prefixes_left_padded, **kwargs)
+        outputs.append(out)
+        places.append(place)
+        final_states.append(states)
+    else:
+        for group in segments.prefix_groups:
+            carrier = StateCarrier()
+            out = mixer_forward(flat[group.index], cache=carrier, attention_mask=None, **kwargs)
+            outputs.append(out.reshape(-1, out.size(-1)))
+            places.append(group.index.reshape(-1))
+            final_states.append(carrier.final_states())
     if segments.branches is not None:
         tables = _stack_states(final_states)
         initial = {key: table[segments.branch_parent] for key, table in tables.items()}
@@ -90,7 +119,9 @@ def _segmented_forward(module: torch.nn.Module, original):
         for name in ("cache", "cache_params", "attention_mask"):
             kwargs.pop(name, None)  # the layout replaces the padding mask; MoE token weights are not a mask
         layout.mixer_calls += 1
-        return run_segmented(original, hidden_states, segments_of(layout, hidden_states.device), **kwargs)
+        segments = segments_of(layout, hidden_states.device)
+        left_pad = left_padding_keeps_zero_state(module, mixer_verdict(module))
+        return run_segmented(original, hidden_states, segments, left_pad_prefixes=left_pad, **kwargs)
 
     setattr(forward, _MARK, True)
     return forward

@@ -2,9 +2,10 @@
 
 A packed row holds documents laid out as ``[shared prefix | branch 1 | branch 2 | ...]``. A recurrent mixer must see
 each shared prefix from a zero state, and each branch from the state at the end of its document's prefix (a zero
-state when the document shares nothing). The prefixes are grouped by length, so each group runs as one unpadded batch
-and its final states are exact; the branches run as one right-padded batch (padding after a branch never reaches it,
-and a branch's own final state is not needed).
+state when the document shares nothing). The branches run as one right-padded batch (padding after a branch never
+reaches it, and a branch's own final state is not needed). The prefixes run either as one left-padded batch, for
+mixers whose state stays zero over zeroed padding (`kinds.left_padding_keeps_zero_state`), or grouped by length, each
+group an unpadded batch, whose final states are exact for any mixer.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class MixerSegments:
     branches: SegmentBatch | None
     branch_parent: torch.Tensor
     num_tokens: int
+    #: All prefixes in one left-padded batch, in the order of the groups (so the same state ranks); None if none.
+    prefixes_left_padded: SegmentBatch | None = None
 
     def to(self, device: torch.device) -> MixerSegments:
         def move(batch: SegmentBatch) -> SegmentBatch:
@@ -49,6 +52,7 @@ class MixerSegments:
             None if self.branches is None else move(self.branches),
             self.branch_parent.to(device),
             self.num_tokens,
+            None if self.prefixes_left_padded is None else move(self.prefixes_left_padded),
         )
 
 
@@ -68,8 +72,16 @@ def _runs(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> tuple[torch.T
 
 
 def _window(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[n, width]`` indices of runs (padding slots repeat the run's first token) and their validity."""
     slots = torch.arange(width)[None, :]
     valid = slots < lengths[:, None]
+    return torch.where(valid, starts[:, None] + slots, starts[:, None]), valid
+
+
+def _left_window(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``[n, width]`` indices: each run ends in the last slot."""
+    slots = torch.arange(width)[None, :] - (width - lengths)[:, None]
+    valid = slots >= 0
     return torch.where(valid, starts[:, None] + slots, starts[:, None]), valid
 
 
@@ -83,16 +95,23 @@ def build_segments(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> Mixe
     groups = []
     done = 0
     prefix_starts, prefix_lengths, prefix_documents = starts[is_prefix], lengths[is_prefix], documents[is_prefix]
+    ranked = []
     for length in torch.unique(prefix_lengths).tolist():
         members = (prefix_lengths == length).nonzero().squeeze(1)
         index, _ = _window(prefix_starts[members], prefix_lengths[members], length)
         groups.append(SegmentBatch(index, None))
         prefix_rank[prefix_documents[members]] = torch.arange(done, done + len(members))
+        ranked.append(members)
         done += len(members)
+    left_padded = None
+    if ranked:
+        order = torch.cat(ranked)
+        width = int(prefix_lengths.max())
+        left_padded = SegmentBatch(*_left_window(prefix_starts[order], prefix_lengths[order], width))
     branch_starts, branch_lengths = starts[~is_prefix], lengths[~is_prefix]
     branch_batch = None
     if len(branch_starts):
         width = max(int(branch_lengths.max()), MIN_BRANCH_WIDTH)
         branch_batch = SegmentBatch(*_window(branch_starts, branch_lengths, width))
     branch_parent = prefix_rank[documents[~is_prefix]] + 1
-    return MixerSegments(tuple(groups), branch_batch, branch_parent, document_ids.numel())
+    return MixerSegments(tuple(groups), branch_batch, branch_parent, document_ids.numel(), left_padded)
