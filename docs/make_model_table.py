@@ -23,7 +23,9 @@ What `PrefixShared*Trainer` does with each causal-LM family of transformers {ver
 (2 layers, hidden size 32, sliding windows set to {window} positions) by `tests/test_model_registry.py`:
 
 - **served exactly**: the structural check and the probe pass, and the packed log-probabilities and gradients of a
-  batch with several documents per row and four responses to one prompt equal each sequence scored alone;
+  batch with several documents per row and four responses to one prompt equal each sequence scored alone (where a
+  served mixer's kernel computes in float32 whatever the model's dtype, gradients below 1e-2 of the largest are
+  held against that floor: [hybrid_models.md](hybrid_models.md));
 - **exact fallback**: the trainer trains exactly like the stock TRL trainer (one warning naming the reason below,
   `prefix_share/token_ratio` 1.0), or raises with `on_unsupported_model="error"`;
 - **not tried**: no small config of the family builds or runs its stock forward here (the reason is given).

@@ -9,6 +9,8 @@ the sequence lengths, so a branch's scan starts mid-chunk from a handed-in state
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import load_dataset_rows
@@ -31,8 +33,8 @@ GATED_DELTA = dict(
     linear_value_head_dim=8,
 )
 MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16)
-#: One mixer layer and one attention layer per family (the issue's list: Qwen3.5 / Qwen3-Next gated delta rule,
-#: Nemotron-H / Granite 4 hybrid / Falcon-H1 Mamba2, LFM2 short convolution).
+#: One mixer layer and one attention layer per family: Qwen3.5 / Qwen3-Next gated delta rule, Nemotron-H / Granite 4
+#: hybrid / Falcon-H1 Mamba2, LFM2 short convolution, Kimi-Linear's Kimi delta attention.
 FAMILIES = {
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
     # Biased projections: zeroed left padding would not keep the state at zero, so prefixes run grouped by length.
@@ -64,6 +66,22 @@ FAMILIES = {
         num_experts_per_tok=2,
     ),
     "falcon_h1": dict(num_hidden_layers=2, mamba_d_ssm=64, **MAMBA2),
+    # Kimi delta attention next to MLA attention, with MoE layers.
+    "kimi_linear": dict(
+        num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse"],
+        linear_head_dim=8,
+        linear_num_heads=4,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        num_experts=4,
+        num_experts_per_token=2,
+        moe_intermediate_size=32,
+        num_key_value_heads=4,
+    ),
 }
 #: The mixer kind each family must be served with (read from its code by `core/mixers/kinds.py`).
 KINDS = {
@@ -74,6 +92,7 @@ KINDS = {
     "nemotron_h": "mamba2",
     "granitemoehybrid": "mamba2",
     "falcon_h1": "mamba2",
+    "kimi_linear": "kimi_delta",
 }
 #: transformers' gated delta rule and Mamba2 scan compute in float32 whatever the model's dtype (`.float()` inside the
 #: kernels), and the packed run chunks each sequence differently (the prefix, then each branch from its state), so
@@ -100,7 +119,7 @@ def saved(tmp_path_factory, tokenizer):
             fields = dict(FAMILIES[family])
             model_type = fields.pop("model_type", family)
             config = AutoConfig.for_model(
-                model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SMALL, **fields
+                model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **{**SMALL, **fields}
             )
             torch.manual_seed(0)
             path = tmp_path_factory.mktemp(family)
@@ -196,9 +215,7 @@ def test_a_branch_without_its_prefix_state_is_caught(saved, tokenizer, hh_rows, 
 
     def without_prefix_state(document_ids, branch_ids):
         segments = original(document_ids, branch_ids)
-        return type(segments)(
-            segments.prefix_groups, segments.branches, torch.zeros_like(segments.branch_parent), segments.num_tokens
-        )
+        return dataclasses.replace(segments, branch_parent=torch.zeros_like(segments.branch_parent))
 
     monkeypatch.setattr(segmented, "build_segments", without_prefix_state)
     broken, _, _ = loss_and_grads(ours, our_batch)
@@ -230,28 +247,39 @@ def test_mixer_kinds_are_read_from_their_code():
 
 
 def test_segments_of_a_packed_layout():
-    """Prefixes grouped by length, or all in one left-padded batch ranked alike; branches right-padded, each pointing
-    at its own prefix's state (0: a document that shares nothing); row padding in no segment."""
+    """Prefixes by exact length, or left-padded in length buckets; branches right-padded in length buckets, each
+    pointing at its own prefix's state (0: a document that shares nothing); row padding in no segment."""
+    from trl_prefix_share.core.mixers.segments import length_buckets
+
     # row 0: doc 0 = prefix(3) + branches(2, 4); doc 1 = unshared branch(3); row 1: doc 2 = prefix(2) + branch(2), pad
     document_ids = torch.tensor([[0] * 9 + [1] * 3, [2] * 4 + [-1] * 8])
     branch_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 1], [0, 0, 1, 1] + [-1] * 8])
     segments = build_segments(document_ids, branch_ids)
-    assert [group.index.tolist() for group in segments.prefix_groups] == [[[12, 13]], [[0, 1, 2]]]
-    left_padded = segments.prefixes_left_padded
-    assert [row[mask].tolist() for row, mask in zip(left_padded.index, left_padded.valid, strict=True)] == [
-        [12, 13],
-        [0, 1, 2],
+
+    def real(batch):
+        if batch.valid is None:
+            return batch.index.tolist()
+        return [row[mask].tolist() for row, mask in zip(batch.index, batch.valid, strict=True)]
+
+    assert [real(group) for group in segments.prefix_groups] == [[[12, 13]], [[0, 1, 2]]]
+    (bucket,) = segments.prefix_buckets  # two short prefixes: one call beats a padded slot
+    assert real(bucket) == [[0, 1, 2], [12, 13]] or real(bucket) == [[12, 13], [0, 1, 2]]
+    assert bucket.valid[:, -1].all()  # left-padded: every prefix ends in the last slot
+    branches = [
+        (member, row)
+        for batch in segments.branch_buckets
+        for member, row in zip(batch.members, real(batch), strict=True)
     ]
-    assert left_padded.valid.tolist() == [[False, True, True], [True, True, True]]
-    branches = segments.branches
-    assert branches.index.size(1) == 4
-    assert [row[mask].tolist() for row, mask in zip(branches.index, branches.valid, strict=True)] == [
-        [3, 4],
-        [5, 6, 7, 8],
-        [9, 10, 11],
-        [14, 15],
+    assert sorted((int(member), row) for member, row in branches) == [
+        (0, [3, 4]),
+        (1, [5, 6, 7, 8]),
+        (2, [9, 10, 11]),
+        (3, [14, 15]),
     ]
-    assert segments.branch_parent.tolist() == [2, 2, 0, 1]
+    assert segments.branch_parent.tolist() == [1, 1, 0, 2]  # prefix ids + 1, in order of the prefixes
+    # Buckets trade padding for calls: near lengths share a call, far ones do not.
+    assert length_buckets([10, 12, 11, 500, 510], call_cost=64) == [[0, 2, 1], [3, 4]]
+    assert length_buckets([10, 500], call_cost=1000) == [[0, 1]]
 
 
 def test_left_padding_is_used_only_where_it_keeps_a_zero_state():

@@ -28,22 +28,23 @@ class ModelShape:
         return f"{self.family} {self.layers}x{self.hidden} ({self.heads} heads, {self.kv_heads} kv{tied})"
 
 
-#: Qwen3.5's text model scaled to a CPU: its layer pattern (three gated-delta layers, then one attention layer) and its
-#: head ratios (value heads twice the key heads, attention head_dim 1/16 of the default 4096 width), at width 256.
+#: Qwen3.5's text model scaled to a CPU: its layer pattern (three gated-delta layers, then one attention layer), its
+#: head ratios (twice as many value heads as key heads; GQA attention) at 1/8 of the default 4096 width, 16 layers: a
+#: body of ~55M parameters, so that (as with SmolLM-135M for dense models) the body, not the LM head, is the step.
 QWEN3_5_SCALED = ModelShape(
     "qwen3_5_text",
+    16,
+    512,
     8,
-    256,
-    4,
     2,
-    768,
+    1536,
     tie_embeddings=True,
     extra_config=(
         ("head_dim", 64),
         ("linear_num_key_heads", 4),
         ("linear_num_value_heads", 8),
-        ("linear_key_head_dim", 32),
-        ("linear_value_head_dim", 32),
+        ("linear_key_head_dim", 64),
+        ("linear_value_head_dim", 64),
     ),
 )
 

@@ -1,9 +1,10 @@
 """Running a state-carrying mixer's own forward over the segments of a packed layout.
 
 Installed per mixer module when a model is switched. Outside a packed forward the mixer runs untouched (padded
-batches, ``generate`` with its cache). During one, the mixer is called once per group of equal-length shared prefixes
-(zero initial state) and once for all branches, each branch given the final state of its own prefix through a
-`StateCarrier`; the outputs are put back in their packed places. The segments are built once per step and cached on
+batches, ``generate`` with its cache). During one, the mixer is called for the shared prefixes from a zero state (one
+left-padded call where zeroed padding keeps that state zero, else one call per prefix length) and once for all
+branches, each branch given the final state of its own prefix through a `StateCarrier`; the outputs are put back in
+their packed places. The segments are built once per step and cached on
 the layout, so every mixer layer and the reference forward share them.
 """
 
@@ -31,35 +32,45 @@ def segments_of(layout: PackedAttentionLayout, device: torch.device) -> MixerSeg
     )
 
 
-def _stack_states(per_group: list[dict[tuple[str, int], torch.Tensor]]) -> dict[tuple[str, int], torch.Tensor]:
-    """Final states of all prefix groups in one table per state, with a zero state in row 0."""
-    if not per_group:
-        return {}
-    keys = per_group[0].keys()
-    if any(group.keys() != keys for group in per_group):
-        raise RuntimeError("A mixer wrote different states for different prefix groups.")
-    tables = {}
-    for key in keys:
-        first = per_group[0][key]
-        tables[key] = torch.cat([first.new_zeros((1, *first.shape[1:]))] + [group[key] for group in per_group])
-    return tables
+def _call(mixer_forward, flat: torch.Tensor, batch: SegmentBatch, carrier: StateCarrier, left_padded: bool, **kwargs):
+    """One mixer call over ``batch``; returns the real slots' outputs and their flat packed places."""
+    inputs = flat[batch.index]
+    mask = None
+    if left_padded and batch.valid is not None:  # zeroed padding plus the padding mask, as stock's left padding
+        inputs = inputs * batch.valid[..., None].to(inputs.dtype)
+        mask = batch.valid.long()
+    out = mixer_forward(inputs, cache=carrier, attention_mask=mask, **kwargs)
+    out, places = out.reshape(-1, out.size(-1)), batch.index.reshape(-1)
+    if batch.valid is None:
+        return out, places
+    valid = batch.valid.reshape(-1)
+    return out[valid], places[valid]
 
 
-def _run_prefixes_left_padded(mixer_forward, flat: torch.Tensor, prefixes: SegmentBatch, **kwargs: Any):
-    """All prefixes in one call, left-padded with zeroed inputs and the padding mask (see
-    `kinds.left_padding_keeps_zero_state`): each ends in the last slot, so the final states are its own."""
-    mask = prefixes.valid
-    carrier = StateCarrier()
-    inputs = flat[prefixes.index] * mask[..., None].to(flat.dtype)
-    out = mixer_forward(inputs, cache=carrier, attention_mask=mask.long(), **kwargs)
+def _prefix_states(carrier: StateCarrier, batch: SegmentBatch, left_padded: bool) -> dict:
+    """The final states of a prefix call; a left-padded call's convolution columns left of a short prefix are
+    padding, set to zero (a zero initial state)."""
     states = carrier.final_states()
-    for (kind, index), state in list(states.items()):
-        if kind == "conv":  # columns left of a short prefix are padding: zero, as a zero initial state
-            width = state.size(-1)
-            padded = torch.nn.functional.pad(mask, (width, 0))[:, -width:]
-            states[(kind, index)] = state * padded[:, None, :].to(state.dtype)
-    valid = mask.reshape(-1)
-    return out.reshape(-1, out.size(-1))[valid], prefixes.index.reshape(-1)[valid], states
+    if left_padded and batch.valid is not None:
+        for key, state in list(states.items()):
+            if key[0] == "conv":
+                width = state.size(-1)
+                real = torch.nn.functional.pad(batch.valid, (width, 0))[:, -width:]
+                states[key] = state * real[:, None, :].to(state.dtype)
+    return states
+
+
+def _state_table(per_call: list[tuple[SegmentBatch, dict]], num_prefixes: int) -> dict:
+    """Each state of every prefix by prefix id + 1, with a zero state in row 0 (out of place: autograd follows)."""
+    tables: dict = {}
+    for batch, states in per_call:
+        for key, state in states.items():
+            if key not in tables:
+                tables[key] = state.new_zeros((num_prefixes + 1, *state.shape[1:]))
+            tables[key] = tables[key].index_copy(0, batch.members + 1, state)
+    if per_call and any(states.keys() != tables.keys() for _, states in per_call):
+        raise RuntimeError("A mixer wrote different states for different prefix calls.")
+    return tables
 
 
 def run_segmented(
@@ -71,30 +82,25 @@ def run_segmented(
 ) -> torch.Tensor:
     """The mixer's output for every packed position, each run seeing exactly its own sequence's past."""
     flat = hidden_states.reshape(-1, hidden_states.size(-1))
-    outputs, places, final_states = [], [], []
-    if left_pad_prefixes and segments.prefixes_left_padded is not None:
-        out, place, states = _run_prefixes_left_padded(mixer_forward, flat, segments.prefixes_left_padded, **kwargs)
+    outputs, places, per_call = [], [], []
+    prefix_calls = segments.prefix_buckets if left_pad_prefixes else segments.prefix_groups
+    for batch in prefix_calls:
+        carrier = StateCarrier()
+        out, place = _call(mixer_forward, flat, batch, carrier, left_pad_prefixes, **kwargs)
         outputs.append(out)
         places.append(place)
-        final_states.append(states)
-    else:
-        for group in segments.prefix_groups:
-            carrier = StateCarrier()
-            out = mixer_forward(flat[group.index], cache=carrier, attention_mask=None, **kwargs)
-            outputs.append(out.reshape(-1, out.size(-1)))
-            places.append(group.index.reshape(-1))
-            final_states.append(carrier.final_states())
-    if segments.branches is not None:
-        tables = _stack_states(final_states)
-        initial = {key: table[segments.branch_parent] for key, table in tables.items()}
+        per_call.append((batch, _prefix_states(carrier, batch, left_pad_prefixes)))
+    tables = _state_table(per_call, segments.num_prefixes)
+    for batch in segments.branch_buckets:
+        parents = segments.branch_parent[batch.members]
+        initial = {key: table[parents] for key, table in tables.items()}
         carrier = StateCarrier(
             {index: state for (kind, index), state in initial.items() if kind == "conv"},
             {index: state for (kind, index), state in initial.items() if kind == "recurrent"},
         )
-        out = mixer_forward(flat[segments.branches.index], cache=carrier, attention_mask=None, **kwargs)
-        valid = segments.branches.valid.reshape(-1)
-        outputs.append(out.reshape(-1, out.size(-1))[valid])
-        places.append(segments.branches.index.reshape(-1)[valid])
+        out, place = _call(mixer_forward, flat, batch, carrier, False, **kwargs)
+        outputs.append(out)
+        places.append(place)
     width = outputs[0].size(-1)
     result = outputs[0].new_zeros(segments.num_tokens, width)
     result = result.index_copy(0, torch.cat(places), torch.cat(outputs))

@@ -2,10 +2,12 @@
 
 A packed row holds documents laid out as ``[shared prefix | branch 1 | branch 2 | ...]``. A recurrent mixer must see
 each shared prefix from a zero state, and each branch from the state at the end of its document's prefix (a zero
-state when the document shares nothing). The branches run as one right-padded batch (padding after a branch never
-reaches it, and a branch's own final state is not needed). The prefixes run either as one left-padded batch, for
-mixers whose state stays zero over zeroed padding (`kinds.left_padding_keeps_zero_state`), or grouped by length, each
-group an unpadded batch, whose final states are exact for any mixer.
+state when the document shares nothing). The branches run as right-padded batches (padding after a branch never
+reaches it, and a branch's own final state is not needed). The prefixes run either as left-padded batches, for mixers
+whose state stays zero over zeroed padding (`kinds.left_padding_keeps_zero_state`), or grouped by exact length, each
+group an unpadded batch, whose final states are exact for any mixer. Padded batches are cut into length buckets that
+balance padding against calls (`length_buckets`): a mixer computes every padded slot, so one batch padded to its
+longest segment would spend on padding what sharing saves.
 """
 
 from __future__ import annotations
@@ -17,42 +19,52 @@ import torch
 #: A branch batch is at least this wide: a mixer given an initial state and one position takes its in-place decode
 #: step, which would overwrite the state another branch still needs.
 MIN_BRANCH_WIDTH = 2
+#: What one more mixer call costs, in padded token slots (about one chunk of the chunked scans' sequential loop).
+CALL_COST_TOKENS = 64
+#: Bucketing looks this many segments back (it is a dynamic programme over the sorted lengths).
+BUCKET_LOOKBACK = 128
 
 
 @dataclass(frozen=True)
 class SegmentBatch:
-    """Flat packed indices ``[n, width]`` of one mixer call, and which of them are real tokens."""
+    """One mixer call: flat packed indices ``[n, width]``, which slots are real tokens (None: all), and the ids of the
+    ``n`` segments (prefix ids for a prefix call, branch ids for a branch call)."""
 
     index: torch.Tensor
-    valid: torch.Tensor | None  # None: every slot is real (an unpadded prefix group)
+    valid: torch.Tensor | None
+    members: torch.Tensor
+
+    def to(self, device: torch.device) -> SegmentBatch:
+        valid = None if self.valid is None else self.valid.to(device)
+        return SegmentBatch(self.index.to(device), valid, self.members.to(device))
 
 
 @dataclass(frozen=True)
 class MixerSegments:
-    """Prefix groups (equal lengths, zero initial state) and the branch batch with each branch's initial state.
+    """The calls of a segmented mixer run over one packed layout.
 
-    ``branch_parent[i]`` indexes the concatenated final states of all prefix groups shifted by one; 0 is the zero
-    state of a branch whose document shares nothing.
+    ``prefix_groups`` (unpadded, one per exact length) and ``prefix_buckets`` (left-padded) are two ways to run the
+    same prefixes; ``branch_parent[b]`` is the prefix id of branch ``b`` plus one, 0 for a zero state.
     """
 
     prefix_groups: tuple[SegmentBatch, ...]
-    branches: SegmentBatch | None
+    prefix_buckets: tuple[SegmentBatch, ...]
+    branch_buckets: tuple[SegmentBatch, ...]
     branch_parent: torch.Tensor
+    num_prefixes: int
     num_tokens: int
-    #: All prefixes in one left-padded batch, in the order of the groups (so the same state ranks); None if none.
-    prefixes_left_padded: SegmentBatch | None = None
 
     def to(self, device: torch.device) -> MixerSegments:
-        def move(batch: SegmentBatch) -> SegmentBatch:
-            valid = None if batch.valid is None else batch.valid.to(device)
-            return SegmentBatch(batch.index.to(device), valid)
+        def move(batches: tuple[SegmentBatch, ...]) -> tuple[SegmentBatch, ...]:
+            return tuple(batch.to(device) for batch in batches)
 
         return MixerSegments(
-            tuple(move(group) for group in self.prefix_groups),
-            None if self.branches is None else move(self.branches),
+            move(self.prefix_groups),
+            move(self.prefix_buckets),
+            move(self.branch_buckets),
             self.branch_parent.to(device),
+            self.num_prefixes,
             self.num_tokens,
-            None if self.prefixes_left_padded is None else move(self.prefixes_left_padded),
         )
 
 
@@ -71,47 +83,66 @@ def _runs(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> tuple[torch.T
     return starts, lengths, document[starts], branch[starts]
 
 
-def _window(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[n, width]`` indices of runs (padding slots repeat the run's first token) and their validity."""
+def length_buckets(lengths: list[int], call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
+    """Indices of ``lengths`` in buckets of similar length, minimising padded slots + ``call_cost`` per bucket.
+
+    An exact dynamic programme over the sorted lengths (each bucket a run of them), looking back at most
+    ``BUCKET_LOOKBACK`` segments; once per step, per segment, never per token."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    best = [0.0] + [float("inf")] * len(ordered)
+    cut = [0] * (len(ordered) + 1)
+    for end in range(1, len(ordered) + 1):
+        for start in range(max(0, end - BUCKET_LOOKBACK), end):
+            cost = best[start] + (end - start) * ordered[end - 1] + call_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    buckets, end = [], len(ordered)
+    while end > 0:
+        buckets.append(order[cut[end] : end])
+        end = cut[end]
+    return buckets[::-1]
+
+
+def _batch(starts, lengths, members: list[int], min_width: int = 1, left: bool = False) -> SegmentBatch:
+    """Indices ``[n, width]`` of the member runs, right-padded (padding after each run) or left-padded (each run
+    ending in the last slot); padding slots repeat the run's first token."""
+    members_t = torch.tensor(members, dtype=torch.long)
+    run_starts, run_lengths = starts[members_t], lengths[members_t]
+    width = max(int(run_lengths.max()), min_width)
     slots = torch.arange(width)[None, :]
-    valid = slots < lengths[:, None]
-    return torch.where(valid, starts[:, None] + slots, starts[:, None]), valid
-
-
-def _left_window(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``[n, width]`` indices: each run ends in the last slot."""
-    slots = torch.arange(width)[None, :] - (width - lengths)[:, None]
-    valid = slots >= 0
-    return torch.where(valid, starts[:, None] + slots, starts[:, None]), valid
+    if left:
+        slots = slots - (width - run_lengths)[:, None]
+        valid = slots >= 0
+    else:
+        valid = slots < run_lengths[:, None]
+    index = torch.where(valid, run_starts[:, None] + slots, run_starts[:, None])
+    return SegmentBatch(index, None if bool(valid.all()) else valid, members_t)
 
 
 def build_segments(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> MixerSegments:
     """Cut packed rows (``[rows, T]`` document and branch ids, -1 on row padding; branch 0 is a shared prefix) into
-    the prefix groups and the branch batch of a segmented mixer call."""
+    the calls of a segmented mixer run."""
     document_ids, branch_ids = document_ids.cpu(), branch_ids.cpu()
     starts, lengths, documents, branches = _runs(document_ids, branch_ids)
     is_prefix = branches == 0
-    prefix_rank = torch.full((int(documents.max()) + 1 if len(documents) else 1,), -1, dtype=torch.long)
-    groups = []
-    done = 0
-    prefix_starts, prefix_lengths, prefix_documents = starts[is_prefix], lengths[is_prefix], documents[is_prefix]
-    ranked = []
-    for length in torch.unique(prefix_lengths).tolist():
-        members = (prefix_lengths == length).nonzero().squeeze(1)
-        index, _ = _window(prefix_starts[members], prefix_lengths[members], length)
-        groups.append(SegmentBatch(index, None))
-        prefix_rank[prefix_documents[members]] = torch.arange(done, done + len(members))
-        ranked.append(members)
-        done += len(members)
-    left_padded = None
-    if ranked:
-        order = torch.cat(ranked)
-        width = int(prefix_lengths.max())
-        left_padded = SegmentBatch(*_left_window(prefix_starts[order], prefix_lengths[order], width))
+    prefix_starts, prefix_lengths = starts[is_prefix], lengths[is_prefix]
+    prefix_length_list = prefix_lengths.tolist()
+    groups = tuple(
+        _batch(prefix_starts, prefix_lengths, (prefix_lengths == length).nonzero().squeeze(1).tolist())
+        for length in sorted(set(prefix_length_list))
+    )
+    prefix_buckets = tuple(
+        _batch(prefix_starts, prefix_lengths, bucket, left=True) for bucket in length_buckets(prefix_length_list)
+    )
     branch_starts, branch_lengths = starts[~is_prefix], lengths[~is_prefix]
-    branch_batch = None
-    if len(branch_starts):
-        width = max(int(branch_lengths.max()), MIN_BRANCH_WIDTH)
-        branch_batch = SegmentBatch(*_window(branch_starts, branch_lengths, width))
-    branch_parent = prefix_rank[documents[~is_prefix]] + 1
-    return MixerSegments(tuple(groups), branch_batch, branch_parent, document_ids.numel(), left_padded)
+    branch_buckets = tuple(
+        _batch(branch_starts, branch_lengths, bucket, min_width=MIN_BRANCH_WIDTH)
+        for bucket in length_buckets(branch_lengths.tolist())
+    )
+    prefix_of_document = torch.zeros(int(documents.max()) + 1 if len(documents) else 1, dtype=torch.long)
+    prefix_of_document[documents[is_prefix]] = torch.arange(1, len(prefix_starts) + 1)
+    branch_parent = prefix_of_document[documents[~is_prefix]]
+    return MixerSegments(
+        groups, prefix_buckets, branch_buckets, branch_parent, len(prefix_starts), document_ids.numel()
+    )
