@@ -98,6 +98,24 @@ def build_tiny_model(
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def save_tiny_model(directory: Path, tokenizer, model_type: str, reward: bool = False, **fields) -> str:
+    """Build a float64 model of ``model_type`` from a config (seed 0; causal LM, or a 1-label classifier when
+    ``reward``) and save it with ``tokenizer`` to ``directory``, so trainers load it like a hub model; returns the path.
+    ``fields`` override the config (the vocabulary and padding come from the tokenizer)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(
+        model_type,
+        **{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **fields},
+        **({"num_labels": 1} if reward else {}),
+    )
+    torch.manual_seed(0)
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    auto.from_config(config, dtype=torch.float64).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 def tiny_moe_config(vocab_size: int, **overrides):
     """A 2-layer Qwen3-MoE config (4 experts, top 2) with the router's load-balancing loss on."""
     fields = dict(

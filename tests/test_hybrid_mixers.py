@@ -13,9 +13,10 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import load_dataset_rows
+from conftest import load_dataset_rows, save_tiny_model
 from datasets import Dataset
 from equivalence import EQUIVALENCE_DTYPE, assert_equivalent, first_batch, perturb, relative_difference
+from test_model_registry import FAMILY_FIELDS
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from trl_prefix_share.core.collator import PACKED_KEY
@@ -66,22 +67,8 @@ FAMILIES = {
         num_experts_per_tok=2,
     ),
     "falcon_h1": dict(num_hidden_layers=2, mamba_d_ssm=64, **MAMBA2),
-    # Kimi delta attention next to MLA attention, with MoE layers.
-    "kimi_linear": dict(
-        num_hidden_layers=2,
-        layer_types=["linear_attention", "full_attention"],
-        mlp_layer_types=["dense", "sparse"],
-        linear_head_dim=8,
-        linear_num_heads=4,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        num_experts=4,
-        num_experts_per_token=2,
-        moe_intermediate_size=32,
-        num_key_value_heads=4,
-    ),
+    # Kimi delta attention next to MLA attention, with MoE layers (the registry's small fields).
+    "kimi_linear": dict(FAMILY_FIELDS["kimi_linear"], num_hidden_layers=2, moe_intermediate_size=32),
 }
 #: The mixer kind each family must be served with (read from its code by `core/mixers/kinds.py`).
 KINDS = {
@@ -118,14 +105,9 @@ def saved(tmp_path_factory, tokenizer):
         if family not in cache:
             fields = dict(FAMILIES[family])
             model_type = fields.pop("model_type", family)
-            config = AutoConfig.for_model(
-                model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **{**SMALL, **fields}
+            cache[family] = save_tiny_model(
+                tmp_path_factory.mktemp(family), tokenizer, model_type, **{**SMALL, **fields}
             )
-            torch.manual_seed(0)
-            path = tmp_path_factory.mktemp(family)
-            AutoModelForCausalLM.from_config(config, dtype=EQUIVALENCE_DTYPE).save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            cache[family] = str(path)
         return cache[family]
 
     return get

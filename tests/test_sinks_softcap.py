@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_dataset_rows
-from equivalence import EQUIVALENCE_DTYPE, assert_equivalent, first_batch, perturb, relative_difference
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from conftest import load_dataset_rows, save_tiny_model
+from equivalence import assert_equivalent, first_batch, perturb, relative_difference
+from transformers import AutoModelForCausalLM
 
 from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
@@ -49,20 +49,8 @@ def saved(tmp_path_factory, tokenizer):
 
     def get(family: str, reward: bool = False) -> str:
         if (family, reward) not in cache:
-            config = AutoConfig.for_model(
-                family,
-                vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                **SMALL,
-                **FAMILIES[family],
-                **({"num_labels": 1} if reward else {}),
-            )
-            auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
-            torch.manual_seed(0)
-            path = tmp_path_factory.mktemp(f"{family}-{'rm' if reward else 'lm'}")
-            auto.from_config(config, dtype=EQUIVALENCE_DTYPE).save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            cache[(family, reward)] = str(path)
+            directory = tmp_path_factory.mktemp(f"{family}-{'rm' if reward else 'lm'}")
+            cache[(family, reward)] = save_tiny_model(directory, tokenizer, family, reward, **SMALL, **FAMILIES[family])
         return cache[(family, reward)]
 
     return get

@@ -12,10 +12,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import load_dataset_rows
+from conftest import load_dataset_rows, save_tiny_model
 from equivalence import EQUIVALENCE_DTYPE, assert_equivalent, build_pair, first_batch, perturb
 from test_dpo_equivalence import BATCH, dpo_args
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM
 from trl import DPOTrainer, RewardTrainer
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer, UnsupportedModelError
@@ -88,14 +88,8 @@ def saved_model(tmp_path_factory, tokenizer):
     def get(model_type: str, reward: bool = False, **config) -> str:
         key = (model_type, reward, tuple(sorted((k, str(v)) for k, v in config.items())))
         if key not in cache:
-            full = dict(SMALL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config)
-            model_config = AutoConfig.for_model(model_type, **full, **({"num_labels": 1} if reward else {}))
-            auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
-            torch.manual_seed(0)
-            path = tmp_path_factory.mktemp(f"{model_type}-{'rm' if reward else 'lm'}")
-            auto.from_config(model_config, dtype=EQUIVALENCE_DTYPE).save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            cache[key] = str(path)
+            directory = tmp_path_factory.mktemp(f"{model_type}-{'rm' if reward else 'lm'}")
+            cache[key] = save_tiny_model(directory, tokenizer, model_type, reward, **{**SMALL, **config})
         return cache[key]
 
     return get
