@@ -14,15 +14,13 @@ attention module so the kernel never depends on a keyword the model may not pass
 
 from __future__ import annotations
 
-import functools
-import inspect
 import re
 from dataclasses import dataclass, field
 
 import torch
 from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
-from trl_prefix_share.core.mixers.kinds import mixer_verdict
+from trl_prefix_share.core.mixers.kinds import forward_source, mixer_verdict
 
 #: `layer_types` entries the packed path serves: attention (full or sliding) and layers that mix no positions.
 SERVED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "mlp", "moe", "dense"})
@@ -128,7 +126,7 @@ def text_backbone(model: torch.nn.Module) -> torch.nn.Module:
 def _calls_with_keywords(parent: torch.nn.Module, attribute: str) -> bool:
     """Whether ``parent.forward`` calls ``self.<attribute>(...)`` passing its ``**kwargs`` on (how the packed layout
     reaches a mixer, also when gradient checkpointing recomputes the layer)."""
-    source = _forward_source(type(parent))
+    source = forward_source(type(parent))
     start = source.find(f"self.{attribute}(")
     if start < 0:
         return False
@@ -178,7 +176,7 @@ def stateful_mixers(module: torch.nn.Module) -> list[str]:
             STATEFUL_MIXER_PATTERN.search(words)
             and not NOT_A_MIXER_PATTERN.search(words)
             # attention that goes through transformers' interface (``KimiLinearAttention`` is MLA) gets our kernels
-            and "ALL_ATTENTION_FUNCTIONS" not in _forward_source(type(child))
+            and "ALL_ATTENTION_FUNCTIONS" not in forward_source(type(child))
         )
         if isinstance(child, torch.nn.Conv1d | torch.nn.Conv2d) or named_like_a_mixer:
             found.add(class_name)
@@ -196,16 +194,7 @@ def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
 
 def _passes(module: torch.nn.Module, keyword: str) -> bool:
     """Whether the module's forward hands ``keyword=`` to its attention function (read from its source)."""
-    return f"{keyword}=" in _forward_source(type(module))
-
-
-@functools.cache
-def _forward_source(module_class: type) -> str:
-    """A layer class's forward source, read once per class (every layer of a model shares it)."""
-    try:
-        return inspect.getsource(module_class.forward)
-    except (OSError, TypeError):
-        return ""
+    return f"{keyword}=" in forward_source(type(module))
 
 
 def _unpassed_softmax_terms(model, text_config, attention) -> list[str]:

@@ -54,7 +54,8 @@ class MixerVerdict:
 
 
 @functools.cache
-def _source(module_class: type) -> str:
+def forward_source(module_class: type) -> str:
+    """A layer class's forward source, read once per class (every layer of a model shares it); "" if unreadable."""
     try:
         return inspect.getsource(module_class.forward)
     except (OSError, TypeError):
@@ -72,7 +73,7 @@ def _takes_cache(module_class: type) -> bool:
 
 @functools.cache
 def _classify(module_class: type) -> MixerVerdict | None:
-    source = _source(module_class)
+    source = forward_source(module_class)
     name = module_class.__name__
     reads_conv = "update_conv_state(" in source
     reads_recurrent = "get_recurrent_state(" in source
@@ -120,6 +121,6 @@ def left_padding_keeps_zero_state(module: torch.nn.Module, verdict: MixerVerdict
     layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)]
     if all(getattr(layer, "bias", None) is None for layer in layers):
         return True
-    masks_after_conv = _source(type(module)).count("apply_mask_to_padding_states(") >= 2
+    masks_after_conv = forward_source(type(module)).count("apply_mask_to_padding_states(") >= 2
     linear_biases = [m.bias for m in module.modules() if isinstance(m, torch.nn.Linear)]
     return verdict.kind == "mamba2" and masks_after_conv and all(bias is None for bias in linear_biases)
