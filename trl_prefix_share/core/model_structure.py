@@ -130,12 +130,12 @@ def _calls_with_keywords(parent: torch.nn.Module, attribute: str) -> bool:
     start = source.find(f"self.{attribute}(")
     if start < 0:
         return False
-    depth, index = 0, start + len(attribute) + 5
-    for index in range(start + len(attribute) + 5, len(source)):
-        depth += {"(": 1, ")": -1}.get(source[index], 0)
+    depth = 0
+    for end in range(start + len(f"self.{attribute}"), len(source)):  # to the call's closing parenthesis
+        depth += {"(": 1, ")": -1}.get(source[end], 0)
         if depth == 0:
             break
-    return "**kwargs" in source[start : index + 1]
+    return "**kwargs" in source[start : end + 1]
 
 
 def served_mixers(module: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], list[str]]:

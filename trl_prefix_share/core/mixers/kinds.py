@@ -16,17 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-#: Served kinds: the scan or convolution the mixer runs, named by the kernel call in its forward.
-SERVED_MIXER_KINDS = {
-    "short_conv": "a gated short convolution (LFM2)",
-    "mamba2": "a Mamba2 state-space scan (`mamba2_chunk_scan`)",
-    "gated_delta": "a gated delta rule (`chunk_gated_delta_rule`)",
-    "kimi_delta": "a Kimi delta attention (`chunk_kimi_delta_attention`)",
-}
 #: Kinds whose kernels compute in a fixed precision whatever the model's dtype: transformers' gated delta rule and
 #: Mamba2 scan (and the fla / mamba-ssm kernels they can dispatch to) run in float32, so a float64 model carries
 #: float32 rounding there, and another chunking of the same sequence (prefix, then branch) rounds differently.
 KIND_COMPUTE_DTYPE = {"gated_delta": torch.float32, "mamba2": torch.float32, "kimi_delta": torch.float32}
+#: Served kinds with a recurrent state, by the kernel their forward calls (a conv-only mixer is ``short_conv``).
 _KERNEL_CALLS = {
     "mamba2": "mamba2_chunk_scan(",
     "gated_delta": "chunk_gated_delta_rule(",

@@ -1,11 +1,11 @@
 """Running a state-carrying mixer's own forward over the segments of a packed layout.
 
 Installed per mixer module when a model is switched. Outside a packed forward the mixer runs untouched (padded
-batches, ``generate`` with its cache). During one, the mixer is called for the shared prefixes from a zero state (one
-left-padded call where zeroed padding keeps that state zero, else one call per prefix length) and once for all
-branches, each branch given the final state of its own prefix through a `StateCarrier`; the outputs are put back in
-their packed places. The segments are built once per step and cached on
-the layout, so every mixer layer and the reference forward share them.
+batches, ``generate`` with its cache). During one, the mixer is called for the shared prefixes from a zero state
+(left-padded length buckets where zeroed padding keeps that state zero, else one call per prefix length), then for
+the branches in length buckets, each branch given the final state of its own prefix through a `StateCarrier`; the
+outputs are put back in their packed places. The segments are built once per step and cached on the layout, so
+every mixer layer and the reference forward share them.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ _MARK = "_prefix_share_segmented"
 LAYOUT_KEYWORD = "prefix_share_layout"
 
 
-def segments_of(layout: PackedAttentionLayout, device: torch.device) -> MixerSegments:
-    """The layout's mixer segments, built on the first mixer call of a step."""
+def segments_of(layout: PackedAttentionLayout, device: torch.device, left_padded: bool) -> MixerSegments:
+    """The layout's mixer segments, built on the first mixer call of a step that needs them."""
     return layout.cached(
-        ("mixer_segments", str(device)), lambda: build_segments(layout.document_ids, layout.branch_ids).to(device)
+        ("mixer_segments", str(device), left_padded),
+        lambda: build_segments(layout.document_ids, layout.branch_ids, left_padded).to(device),
     )
 
 
@@ -73,23 +74,16 @@ def _state_table(per_call: list[tuple[SegmentBatch, dict]], num_prefixes: int) -
     return tables
 
 
-def run_segmented(
-    mixer_forward,
-    hidden_states: torch.Tensor,
-    segments: MixerSegments,
-    left_pad_prefixes: bool = False,
-    **kwargs: Any,
-) -> torch.Tensor:
+def run_segmented(mixer_forward, hidden_states: torch.Tensor, segments: MixerSegments, **kwargs: Any) -> torch.Tensor:
     """The mixer's output for every packed position, each run seeing exactly its own sequence's past."""
     flat = hidden_states.reshape(-1, hidden_states.size(-1))
     outputs, places, per_call = [], [], []
-    prefix_calls = segments.prefix_buckets if left_pad_prefixes else segments.prefix_groups
-    for batch in prefix_calls:
+    for batch in segments.prefix_calls:
         carrier = StateCarrier()
-        out, place = _call(mixer_forward, flat, batch, carrier, left_pad_prefixes, **kwargs)
+        out, place = _call(mixer_forward, flat, batch, carrier, segments.left_padded, **kwargs)
         outputs.append(out)
         places.append(place)
-        per_call.append((batch, _prefix_states(carrier, batch, left_pad_prefixes)))
+        per_call.append((batch, _prefix_states(carrier, batch, segments.left_padded)))
     tables = _state_table(per_call, segments.num_prefixes)
     for batch in segments.branch_buckets:
         parents = segments.branch_parent[batch.members]
@@ -125,9 +119,8 @@ def _segmented_forward(module: torch.nn.Module, original):
         for name in ("cache", "cache_params", "attention_mask"):
             kwargs.pop(name, None)  # the layout replaces the padding mask; MoE token weights are not a mask
         layout.mixer_calls += 1
-        segments = segments_of(layout, hidden_states.device)
-        left_pad = left_padding_keeps_zero_state(module, mixer_verdict(module))
-        return run_segmented(original, hidden_states, segments, left_pad_prefixes=left_pad, **kwargs)
+        left_padded = left_padding_keeps_zero_state(module, mixer_verdict(module))
+        return run_segmented(original, hidden_states, segments_of(layout, hidden_states.device, left_padded), **kwargs)
 
     setattr(forward, _MARK, True)
     return forward

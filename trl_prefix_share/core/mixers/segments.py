@@ -43,12 +43,12 @@ class SegmentBatch:
 class MixerSegments:
     """The calls of a segmented mixer run over one packed layout.
 
-    ``prefix_groups`` (unpadded, one per exact length) and ``prefix_buckets`` (left-padded) are two ways to run the
-    same prefixes; ``branch_parent[b]`` is the prefix id of branch ``b`` plus one, 0 for a zero state.
+    ``prefix_calls`` are left-padded length buckets when ``left_padded``, else unpadded calls of one exact length
+    each; ``branch_parent[b]`` is the prefix id of branch ``b`` plus one, 0 for a zero state.
     """
 
-    prefix_groups: tuple[SegmentBatch, ...]
-    prefix_buckets: tuple[SegmentBatch, ...]
+    prefix_calls: tuple[SegmentBatch, ...]
+    left_padded: bool
     branch_buckets: tuple[SegmentBatch, ...]
     branch_parent: torch.Tensor
     num_prefixes: int
@@ -59,8 +59,8 @@ class MixerSegments:
             return tuple(batch.to(device) for batch in batches)
 
         return MixerSegments(
-            move(self.prefix_groups),
-            move(self.prefix_buckets),
+            move(self.prefix_calls),
+            self.left_padded,
             move(self.branch_buckets),
             self.branch_parent.to(device),
             self.num_prefixes,
@@ -120,21 +120,24 @@ def _batch(starts, lengths, members: list[int], min_width: int = 1, left: bool =
     return SegmentBatch(index, None if bool(valid.all()) else valid, members_t)
 
 
-def build_segments(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> MixerSegments:
+def build_segments(document_ids: torch.Tensor, branch_ids: torch.Tensor, left_padded: bool) -> MixerSegments:
     """Cut packed rows (``[rows, T]`` document and branch ids, -1 on row padding; branch 0 is a shared prefix) into
-    the calls of a segmented mixer run."""
+    the calls of a segmented mixer run; ``left_padded``: prefixes in left-padded length buckets (for mixers whose
+    state stays zero over zeroed padding), else one unpadded call per prefix length."""
     document_ids, branch_ids = document_ids.cpu(), branch_ids.cpu()
     starts, lengths, documents, branches = _runs(document_ids, branch_ids)
     is_prefix = branches == 0
     prefix_starts, prefix_lengths = starts[is_prefix], lengths[is_prefix]
     prefix_length_list = prefix_lengths.tolist()
-    groups = tuple(
-        _batch(prefix_starts, prefix_lengths, (prefix_lengths == length).nonzero().squeeze(1).tolist())
-        for length in sorted(set(prefix_length_list))
-    )
-    prefix_buckets = tuple(
-        _batch(prefix_starts, prefix_lengths, bucket, left=True) for bucket in length_buckets(prefix_length_list)
-    )
+    if left_padded:
+        prefix_calls = tuple(
+            _batch(prefix_starts, prefix_lengths, bucket, left=True) for bucket in length_buckets(prefix_length_list)
+        )
+    else:
+        prefix_calls = tuple(
+            _batch(prefix_starts, prefix_lengths, (prefix_lengths == length).nonzero().squeeze(1).tolist())
+            for length in sorted(set(prefix_length_list))
+        )
     branch_starts, branch_lengths = starts[~is_prefix], lengths[~is_prefix]
     branch_buckets = tuple(
         _batch(branch_starts, branch_lengths, bucket, min_width=MIN_BRANCH_WIDTH)
@@ -144,5 +147,5 @@ def build_segments(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> Mixe
     prefix_of_document[documents[is_prefix]] = torch.arange(1, len(prefix_starts) + 1)
     branch_parent = prefix_of_document[documents[~is_prefix]]
     return MixerSegments(
-        groups, prefix_buckets, branch_buckets, branch_parent, len(prefix_starts), document_ids.numel()
+        prefix_calls, left_padded, branch_buckets, branch_parent, len(prefix_starts), document_ids.numel()
     )

@@ -58,9 +58,6 @@ class StateCarrier:
     def is_recording_past(self, layer_idx: int) -> bool:
         return False
 
-    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
-        return bool(self.initial_conv or self.initial_recurrent)
-
     # -- what the segmented run reads back ---------------------------------------------------------------------------
 
     def final_states(self) -> dict[tuple[str, int], torch.Tensor]:
