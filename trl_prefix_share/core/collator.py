@@ -7,6 +7,7 @@ stock TRL scores. Its padded batch (the *virtual* layout) travels along: TRL's l
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,11 @@ class PrefixSharedPreferenceCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base_collator(examples)
+        batch[PACKED_KEY] = self.pack(batch)
+        return batch
+
+    def pack(self, batch: dict[str, Any], prompt_images: list[str] | None = None) -> dict[str, Any]:
+        """The packed layout of a stock batch; ``prompt_images``: a fingerprint of each example's images."""
         missing = {"input_ids", "attention_mask", "completion_mask"} - set(batch)
         if missing:
             raise ValueError(
@@ -94,12 +100,16 @@ class PrefixSharedPreferenceCollator:
             )
         input_ids = batch["input_ids"]
         sequences = sequences_from_padded_batch(input_ids, batch["attention_mask"], batch["completion_mask"])
+        if prompt_images is not None:
+            half = len(sequences) // 2
+            sequences = [
+                dataclasses.replace(seq, prompt_images=prompt_images[row % half]) for row, seq in enumerate(sequences)
+            ]
         documents = self.group_documents(sequences, self.options.share_prefix)
-        batch[PACKED_KEY] = pack_documents(
+        return pack_documents(
             documents,
             num_virtual_rows=input_ids.size(0),
             virtual_length=input_ids.size(1),
             pad_token_id=self.pad_token_id,
             **self.options.layout_kwargs(),
         )
-        return batch

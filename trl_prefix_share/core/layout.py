@@ -38,6 +38,8 @@ class SequenceSpec:
         position_offset: column of ``tokens[0]`` in the stock row, and its position id there. 0 for right-padded
             batches; the left padding of the row for online RL's left-padded prompts, whose stock forward numbers
             positions by column (transformers' default ``arange``), so the packed positions match them exactly.
+        prompt_images: a fingerprint of the images in the prompt ("" for text). Image placeholder tokens are the
+            same ids whatever the image, so two prompts are the same only if their tokens *and* this are equal.
     """
 
     tokens: torch.Tensor
@@ -45,6 +47,7 @@ class SequenceSpec:
     virtual_row: int
     label_start: int | None = None
     position_offset: int = 0
+    prompt_images: str = ""
 
     @property
     def first_label(self) -> int:
@@ -94,6 +97,8 @@ def shareable_length(sequences: list[SequenceSpec]) -> int:
     """
     if len(sequences) < 2:
         return 0
+    if any(seq.prompt_images != sequences[0].prompt_images for seq in sequences[1:]):
+        return 0  # same placeholder tokens, different images: nothing is the same
     limit = min(
         min(seq.completion_start for seq in sequences),
         min(seq.first_label for seq in sequences[1:]),
@@ -110,13 +115,13 @@ def shareable_length(sequences: list[SequenceSpec]) -> int:
 
 
 def identical_sequences(sequences: list[SequenceSpec]) -> tuple[int, ...]:
-    """For each sequence, the index of the first sequence with the same tokens, prompt split and scored span.
+    """For each sequence, the index of the first sequence with the same tokens, images, prompt split and scored span.
 
     One dictionary lookup per sequence (G completions of a prompt: G lookups, not G^2 comparisons)."""
     first: dict[tuple, int] = {}
     aliases = []
     for index, seq in enumerate(sequences):
-        key = (seq.completion_start, seq.first_label, seq.tokens.numpy().tobytes())
+        key = (seq.completion_start, seq.first_label, seq.prompt_images, seq.tokens.numpy().tobytes())
         aliases.append(first.setdefault(key, index))
     return tuple(aliases)
 
@@ -226,6 +231,7 @@ def _attention_bucket(groups: list[_Group], trunk: bool) -> dict[str, torch.Tens
         "query_index": query_index,
         "key_index": key_index,
         "query_pos": query_pos,
+        "key_valid": key_valid,
         "query_slots": query_slots,
         "query_targets": query_index.reshape(-1)[query_slots],
     }
@@ -262,7 +268,10 @@ def pack_documents(
     stock rows hold each packed token: weights of per-token statistics such as the MoE load-balancing loss, 0 on
     row padding), ``branch_lengths`` (labelled tokens per sequence, by virtual row), ``last_index`` (flat packed
     index of each sequence's last token, by virtual row: where a reward model reads its score), and
-    ``attention_buckets`` (a list) when ``sdpa_buckets``.
+    ``source_index`` (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]``
+    batch of the token each packed position holds, -1 on row padding: how per-token stock inputs such as image
+    features, multimodal positions or token types are gathered into the packed rows), and ``attention_buckets`` (a
+    list) when ``sdpa_buckets``.
     """
     row_members = assign_rows([doc.num_tokens for doc in documents], max_row_tokens, pack)
     longest_row = max((sum(documents[i].num_tokens for i in row) for row in row_members), default=1)
@@ -315,6 +324,7 @@ def pack_documents(
     document_ids = torch.full((num_rows * row_length,), PAD_DOCUMENT, dtype=torch.long)
     branch_ids = torch.full((num_rows * row_length,), PAD_DOCUMENT, dtype=torch.long)
     token_weights = torch.zeros(num_rows * row_length, dtype=torch.long)
+    source_index = torch.full((num_rows * row_length,), -1, dtype=torch.long)
     label_index = target_index = torch.zeros(0, dtype=torch.long)
     branch_lengths = torch.zeros(num_virtual_rows, dtype=torch.long)
 
@@ -337,6 +347,7 @@ def pack_documents(
         document_ids[dst] = seg_document[run]
         branch_ids[dst] = seg_branch[run]
         token_weights[dst] = seg_weight[run]
+        source_index[dst] = seq_info[owner, 2] * virtual_length + seq_info[owner, 3] + pos
 
         next_pos = pos + 1
         labelled = (next_pos < seq_info[owner, 0]) & (next_pos >= seq_info[owner, 1])
@@ -373,6 +384,7 @@ def pack_documents(
         "target_index": target_index,
         "branch_lengths": branch_lengths,
         "last_index": last_index,
+        "source_index": source_index.view(shape),
     }
     if sdpa_buckets:
         buckets = [(trunk_groups, True), (side_groups, False)]

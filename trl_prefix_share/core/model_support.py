@@ -15,6 +15,7 @@ from trl_prefix_share.core.mixers.segmented import install_segmented_mixers
 from trl_prefix_share.core.model_structure import ModelStructure, inspect_model, stamp_layer_windows
 from trl_prefix_share.core.packed_forward import install_packed_forward
 from trl_prefix_share.core.prompt_groups import GroupByPrompt
+from trl_prefix_share.core.vision.model_kinds import vision_support
 
 
 class UnsupportedModelError(ValueError):
@@ -33,6 +34,14 @@ def enable_prefix_sharing(model: torch.nn.Module, kernel: str) -> None:
     """Switch ``model`` (a causal LM already patched by TRL's ``add_fused_lm_head``) to the packed forward."""
     switch_attention(model)
     install_packed_forward(model, kernel)
+
+
+def enable_vision_prefix_sharing(model: torch.nn.Module, kernel: str) -> None:
+    """``enable_prefix_sharing`` for image data: the vision-language structural check first (``vision.model_kinds``)."""
+    support = vision_support(model)
+    if not support.served:
+        raise UnsupportedModelError(f"{support.reason}; image inputs cannot be shared")
+    enable_prefix_sharing(model, kernel)
 
 
 def switch_attention(model: torch.nn.Module) -> None:

@@ -18,6 +18,9 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from trl_prefix_share.core.attention import layout_for_batch, packed_forward_scope
 from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.core.vision.forward import vision_model_inputs
+from trl_prefix_share.core.vision.model_kinds import is_vision_language, vision_support
+from trl_prefix_share.core.vision.placement import VISION_KEY
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _MARK = "_prefix_share_forward"
@@ -59,6 +62,7 @@ def install_packed_forward(model: torch.nn.Module, kernel: str) -> None:
     inner = model.forward
     if getattr(inner, _MARK, False):
         return
+    vision = vision_support(model) if is_vision_language(model) else None
 
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any):
@@ -69,9 +73,15 @@ def install_packed_forward(model: torch.nn.Module, kernel: str) -> None:
         if args:
             raise TypeError("The prefix-shared forward takes keyword arguments only.")
         virtual_ids = kwargs.pop("input_ids")
-        for name in ("attention_mask", "labels", "position_ids", "inputs_embeds", "shift_labels"):
+        stock_attention_mask = kwargs.pop("attention_mask", None)
+        for name in ("labels", "position_ids", "inputs_embeds", "shift_labels"):
             kwargs.pop(name, None)
         layout = layout_for_batch(packed, kernel)
+        extra: dict[str, Any] = {}
+        if vision is not None:
+            if VISION_KEY in packed and not vision.served:
+                raise RuntimeError(f"Prefix sharing cannot serve image inputs for this model: {vision.reason}.")
+            extra = vision_model_inputs(model, vision, packed, kwargs, virtual_ids, stock_attention_mask, layout)
         if kwargs.get("output_router_logits") or _config_requests_router_logits(model):
             # TRL's head computes the MoE load-balancing loss as a mean over the tokens its `attention_mask` marks.
             # Weighing each packed token by the stock rows holding it gives the stock batch's mean exactly (a shared
@@ -81,9 +91,10 @@ def install_packed_forward(model: torch.nn.Module, kernel: str) -> None:
         with packed_forward_scope(), score_labelled_positions_only():
             outputs = inner(
                 input_ids=packed["input_ids"],
-                position_ids=packed["position_ids"],
+                position_ids=extra.pop("position_ids", packed["position_ids"]),
                 shift_labels=packed["shift_labels"],
                 prefix_share_layout=layout,
+                **extra,
                 **kwargs,
             )
         if layout.layer_calls == 0 and layout.mixer_calls == 0:

@@ -10,9 +10,10 @@ from trl_prefix_share.core.collator import pair_documents
 from trl_prefix_share.core.layout import DocumentSpec, SequenceSpec, make_document
 
 
-def prompt_key(sequence: SequenceSpec) -> tuple[int, ...]:
-    """The prompt tokens of a (truncated) sequence: sequences with equal keys can share their whole prompt."""
-    return tuple(sequence.tokens[: sequence.completion_start].tolist())
+def prompt_key(sequence: SequenceSpec) -> tuple:
+    """The prompt of a (truncated) sequence, its images' fingerprint then its tokens: sequences with equal keys can
+    share their whole prompt (equal text with different images gives equal tokens, so the images are part of it)."""
+    return (sequence.prompt_images, *sequence.tokens[: sequence.completion_start].tolist())
 
 
 def _document_tokens(members: list[SequenceSpec]) -> int:
@@ -23,7 +24,7 @@ def _document_tokens(members: list[SequenceSpec]) -> int:
     """
     shared = min([members[0].completion_start] + [m.first_label for m in members[1:]])
     head = shared - 1 if shared >= 2 else 0
-    unique = {(tuple(m.tokens.tolist()), m.first_label) for m in members}
+    unique = {(tuple(m.tokens.tolist()), m.first_label) for m in members}  # members share one prompt_images
     return head + sum(len(tokens) - head for tokens, _ in unique)
 
 

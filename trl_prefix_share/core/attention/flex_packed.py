@@ -22,18 +22,23 @@ def _compiled_flex_attention():
 
 
 def build_block_mask(layout: PackedAttentionLayout, sliding_window: int | None, device: torch.device):
-    """BlockMask of the packed rule: same document, key not after query, key shared or in the query's branch."""
+    """BlockMask of the packed rule: same document, key not after query (or in the query's image, for Gemma 3), key
+    shared or in the query's branch."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     doc = layout.document_ids.to(device)
     branch = layout.branch_ids.to(device)
     pos = layout.position_ids.to(device)
+    blocks = None if layout.image_blocks is None else layout.image_blocks.to(device)
     rows, length = doc.shape
 
     def mask_mod(b, h, q_idx, kv_idx):
         same_doc = doc[b, q_idx] == doc[b, kv_idx]
         visible_branch = (branch[b, kv_idx] == 0) | (branch[b, kv_idx] == branch[b, q_idx])
-        real = (doc[b, q_idx] >= 0) & same_doc & visible_branch & (kv_idx <= q_idx)
+        order = kv_idx <= q_idx
+        if blocks is not None:  # Gemma 3: bidirectional inside an image (a run of image tokens of one segment)
+            order = order | ((blocks[b, q_idx] == blocks[b, kv_idx]) & (blocks[b, q_idx] >= 0))
+        real = (doc[b, q_idx] >= 0) & same_doc & visible_branch & order
         if sliding_window is not None:
             real = real & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
         # Row padding attends to itself only, so no row of the softmax is empty.

@@ -22,6 +22,9 @@ class PackedAttentionLayout:
         self.branch_ids: torch.Tensor = packed["branch_ids"]
         self.position_ids: torch.Tensor = packed["position_ids"]
         self.buckets: list[dict[str, torch.Tensor]] = packed.get("attention_buckets") or []
+        # Runs of image tokens attended bidirectionally (Gemma 3), ``[rows, T]`` run ids, -1 elsewhere; set by the
+        # vision forward before the first layer runs (see ``vision/forward.py``).
+        self.image_blocks: torch.Tensor | None = None
         self.layer_calls = 0
         self.mixer_calls = 0
         self._cache: dict[Any, Any] = {}

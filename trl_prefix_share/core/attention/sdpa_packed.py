@@ -18,19 +18,29 @@ from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
 
 
 def bucket_mask(
-    bucket: dict[str, torch.Tensor], sliding_window: int | None, explicit: bool = False
+    bucket: dict[str, torch.Tensor],
+    sliding_window: int | None,
+    explicit: bool = False,
+    image_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean ``[G, 1, Lq, Lk]`` mask of a bucket, or ``None`` where plain causal attention is exact.
 
     A key's slot equals its position, so query q sees key slot k iff ``k <= query_pos[q]`` (and, in a sliding-window
-    layer, ``query_pos[q] - k < window``: distance in positions, not packed indices). Built once per step per bucket
-    and window size, then shared by every layer and by the policy and reference forwards.
+    layer, ``query_pos[q] - k < window``: distance in positions, not packed indices). With ``image_blocks`` (Gemma 3)
+    a query inside an image also sees the later keys of the same image, as stock's mask does (causal OR same image,
+    then the window). Built once per step per bucket and window size, then shared by every layer and by the policy
+    and reference forwards.
     """
-    if bucket["trunk"] and sliding_window is None and not explicit:
+    if bucket["trunk"] and sliding_window is None and not explicit and image_blocks is None:
         return None
     query_pos = bucket["query_pos"][:, :, None]
     key_slot = torch.arange(bucket["key_index"].size(1), device=query_pos.device)[None, None, :]
     mask = key_slot <= query_pos
+    if image_blocks is not None:
+        flat = image_blocks.reshape(-1)
+        query_block = flat[bucket["query_index"]][:, :, None]
+        key_block = flat[bucket["key_index"]][:, None, :]
+        mask |= (query_block == key_block) & (query_block >= 0) & bucket["key_valid"][:, None, :]
     if sliding_window is not None:
         mask &= query_pos - key_slot < sliding_window
     return mask.unsqueeze(1)
@@ -53,7 +63,10 @@ def packed_sdpa_attention(
     v = value.transpose(0, 1).reshape(kv_heads, rows * length, value.shape[-1])
     out = q.new_zeros(heads, rows * length, value.shape[-1])
     for index, bucket in enumerate(layout.buckets):
-        mask = layout.cached(("sdpa", index, sliding_window), lambda b=bucket: bucket_mask(b, sliding_window))
+        mask = layout.cached(
+            ("sdpa", index, sliding_window),
+            lambda b=bucket: bucket_mask(b, sliding_window, image_blocks=layout.image_blocks),
+        )
         q_g = q[:, bucket["query_index"]].transpose(0, 1)  # [G, H, Lq, D]
         k_g = k[:, bucket["key_index"]].transpose(0, 1)
         v_g = v[:, bucket["key_index"]].transpose(0, 1)
@@ -95,7 +108,8 @@ def packed_explicit_attention(
     out = q.new_zeros(heads, rows * length, value.shape[-1])
     for index, bucket in enumerate(layout.buckets):
         mask = layout.cached(
-            ("explicit", index, sliding_window), lambda b=bucket: bucket_mask(b, sliding_window, explicit=True)
+            ("explicit", index, sliding_window),
+            lambda b=bucket: bucket_mask(b, sliding_window, explicit=True, image_blocks=layout.image_blocks),
         )
         q_g = q[:, bucket["query_index"]].transpose(0, 1)  # [G, H, Lq, D]
         k_g = k[:, bucket["key_index"]].transpose(0, 1)

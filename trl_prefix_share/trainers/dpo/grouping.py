@@ -12,14 +12,17 @@ opt-in; the DPO trainer that uses both is ``grouped_dpo_trainer.GroupedPrefixSha
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 
 from trl_prefix_share.core.prompt_groups import GroupByPrompt, prompt_key
 
-__all__ = ["GroupByPrompt", "PromptGroupedSampler", "prompt_grouped_sampler", "prompt_key"]
+__all__ = ["GroupByPrompt", "PromptGroupedSampler", "prompt_grouped_sampler", "prompt_key", "vision_prompt_keys"]
 
 
 class PromptGroupedSampler(Sampler[int]):
@@ -95,3 +98,24 @@ def prompt_grouped_sampler(dataset, batch_size: int, seed: int) -> PromptGrouped
     """The sampler of a tokenized DPO dataset (``prompt_ids`` column), keyed by the prompt's token ids."""
     keys = [tuple(ids) for ids in dataset["prompt_ids"]]
     return PromptGroupedSampler(keys, batch_size=batch_size, seed=seed)
+
+
+def _image_digest(image: Any) -> str:
+    """A digest of a decoded image's pixels, size and mode (the same picture loaded twice gives the same digest)."""
+    digest = hashlib.sha1(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def vision_prompt_keys(dataset) -> list[tuple[str, tuple[str, ...]]]:
+    """Prompt keys of an untokenized image dataset: the prompt (text or messages) and its images' digests.
+
+    Equal text over different images must not be grouped: the images are part of the key. Decodes each image once.
+    """
+    column = "images" if "images" in dataset.column_names else "image"
+    keys = []
+    for row in dataset.select_columns(["prompt", column]):
+        images = row[column] if column == "images" else [row[column]]
+        prompt = json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
+        keys.append((prompt, tuple(_image_digest(image) for image in images or [] if image is not None)))
+    return keys

@@ -27,10 +27,21 @@ from trl import DPOConfig, DPOTrainer
 
 from trl_prefix_share.core.collator import PrefixSharedPreferenceCollator, pair_documents
 from trl_prefix_share.core.installer import install_or_fall_back, model_to_patch, start_prefix_share
-from trl_prefix_share.core.model_support import enable_prefix_sharing, verify_packed_forward
+from trl_prefix_share.core.model_support import (
+    enable_prefix_sharing,
+    enable_vision_prefix_sharing,
+    verify_packed_forward,
+)
 from trl_prefix_share.core.options import packing_options
 from trl_prefix_share.core.token_metrics import log_batch_token_counts
-from trl_prefix_share.trainers.dpo.grouping import GroupByPrompt, prompt_grouped_sampler
+from trl_prefix_share.core.vision.collator import PrefixSharedVisionPreferenceCollator
+from trl_prefix_share.core.vision.model_kinds import vision_support
+from trl_prefix_share.trainers.dpo.grouping import (
+    GroupByPrompt,
+    PromptGroupedSampler,
+    prompt_grouped_sampler,
+    vision_prompt_keys,
+)
 from trl_prefix_share.trainers.dpo.length_grouping import LengthGroupedBatchSampler, preference_lengths
 from trl_prefix_share.trainers.dpo.token_budget import TokenBudgetBatchSampler, packed_tokens, pairs_in_batch
 from trl_prefix_share.trainers.dpo.validation import check_not_emptied, validate_preference_dataset
@@ -115,20 +126,23 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         """Switch the policy and reference models to the packed forward and wrap the collator (once)."""
         if self._prefix_share_installed:
             return
-        if self._is_vision_dataset:
-            raise ValueError("Prefix sharing does not support vision-language preference data; use DPOTrainer.")
         packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
         self.prefix_share_kernel = kernel  # the attention kernel "auto" resolved to (sdpa on CPU, flex on CUDA)
         self._prefix_share_installed = True
         models = [model_to_patch(self.model)]
         if self.ref_model is not None:
             models.append(self.accelerator.unwrap_model(self.ref_model))
-        if not install_or_fall_back(self, models, enable_prefix_sharing, verify_packed_forward, kernel):
+        enable = enable_vision_prefix_sharing if self._is_vision_dataset else enable_prefix_sharing
+        if not install_or_fall_back(self, models, enable, verify_packed_forward, kernel):
             return  # exact fallback: TRL's own collator and forward
         grouping = GroupByPrompt(packing.max_row_tokens) if self.prefix_share_args.group_by_prompt else pair_documents
-        self.data_collator = PrefixSharedPreferenceCollator(
-            self.data_collator, pad_token_id=self._tokenizer.pad_token_id, options=packing, group_documents=grouping
-        )
+        collator_kwargs = dict(pad_token_id=self._tokenizer.pad_token_id, options=packing, group_documents=grouping)
+        if self._is_vision_dataset:
+            self.data_collator = PrefixSharedVisionPreferenceCollator(
+                self.data_collator, image_token_id=vision_support(models[0]).image_token_id, **collator_kwargs
+            )
+        else:
+            self.data_collator = PrefixSharedPreferenceCollator(self.data_collator, **collator_kwargs)
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
         # Grouping by prompt needs pairs with the same prompt in one batch: a prompt-grouped, seeded shuffle.
@@ -142,9 +156,16 @@ class PrefixSharedDPOTrainer(DPOTrainer):
                 "streaming/iterable dataset has no lengths up front. Materialise it or turn the option off."
             )
         wanted = options.group_by_prompt or by_length
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if wanted and self._is_vision_dataset and isinstance(dataset, Dataset):
+            if by_length:
+                raise ValueError(
+                    "`length_grouped_batches` and `max_batch_tokens` sort by tokenized lengths, which vision data only "
+                    "has in the collator (TRL processes images on the fly). Turn them off for image datasets."
+                )
+            return PromptGroupedSampler(vision_prompt_keys(dataset), batch_size=self._train_batch_size, seed=seed)
         if not wanted or not isinstance(dataset, Dataset) or "prompt_ids" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if options.group_by_prompt:
             return prompt_grouped_sampler(dataset, self._train_batch_size, seed)
         if options.max_batch_tokens is not None:

@@ -1,0 +1,243 @@
+"""Tiny vision-language models and their processors, built offline from configs and the shared tokenizer.
+
+torchvision is not installed here, so the processors use transformers' PIL image processors; the Qwen processors
+also ask for a video processor, and one that takes none is enough for image data. Tiny random models barely look
+at the image at default init (Gemma 3's projector starts at zero), so the vision tower and projector weights are
+drawn larger: a missing or wrong image then moves the loss visibly (`test_a_wrong_image_moves_the_loss`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin
+
+from tests.conftest import TOKENIZER_DIR
+
+#: One chat template for every processor: image entries become the processor's own image placeholder.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}IMAGE_PLACEHOLDER{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _tokenizer(tokens: list[str]):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    return tokenizer
+
+
+def _template(placeholder: str) -> str:
+    return CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", placeholder)
+
+
+def _offline_qwen_processor(base: type) -> type:
+    """The Qwen processor class, accepting ``video_processor=None`` (its video processor needs torchvision)."""
+
+    class OfflineProcessor(base):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def save_pretrained(self, save_directory, **kwargs):
+            """Checkpoints save the tokenizer and image processor (there is no video processor to save)."""
+            self.tokenizer.save_pretrained(save_directory)
+            self.image_processor.save_pretrained(save_directory)
+            return []
+
+    OfflineProcessor.__name__ = base.__name__
+    return OfflineProcessor
+
+
+def _qwen_processor(processor_cls: type, patch_size: int):
+    from transformers import Qwen2VLImageProcessorPil
+
+    tokenizer = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    images = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=48 * 48
+    )
+    processor = _offline_qwen_processor(processor_cls)(
+        image_processor=images,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    return processor, tokenizer
+
+
+def _qwen_ids(tokenizer) -> dict[str, int]:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    processor, tokenizer = _qwen_processor(Qwen2_5_VLProcessor, patch_size=4)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            **TEXT,
+            vocab_size=len(tokenizer),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        ),
+        **_qwen_ids(tokenizer),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config), processor
+
+
+def qwen3_vl():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    processor, tokenizer = _qwen_processor(Qwen3VLProcessor, patch_size=4)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            **TEXT,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=144,
+            deepstack_visual_indexes=[0],
+        ),
+        **_qwen_ids(tokenizer),
+    )
+    return Qwen3VLForConditionalGeneration(config), processor
+
+
+def gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+    tokenizer = _tokenizer(["<start_of_image>", "<image_soft_token>", "<end_of_image>"])
+    for name, token in (("boi", "<start_of_image>"), ("image", "<image_soft_token>"), ("eoi", "<end_of_image>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
+    images = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    processor = Gemma3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_length=16, chat_template=_template("<start_of_image>")
+    )
+    config = Gemma3Config(
+        text_config=dict(
+            **TEXT,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+            sliding_window=24,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=4,
+        ),
+        mm_tokens_per_image=16,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    return Gemma3ForConditionalGeneration(config), processor
+
+
+def llava():
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = _tokenizer(["<image>"])
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_template("<image>"),
+    )
+    config = LlavaConfig(
+        text_config=dict(model_type="llama", **TEXT, vocab_size=len(tokenizer)),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+FAMILIES = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "gemma3": gemma3, "llava": llava}
+
+
+@dataclass
+class TinyVisionModel:
+    model: PreTrainedModel
+    processor: ProcessorMixin
+
+
+def draw_vision_weights_larger(model: PreTrainedModel, std: float = 0.3, seed: int = 0) -> None:
+    """Redraw the vision tower's and projector's weights with a large spread, so the image matters to the loss."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ("visual" in name or "vision" in name or "projector" in name or "mm_" in name) and parameter.ndim >= 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * std)
+
+
+def build_vision_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> TinyVisionModel:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, processor = FAMILIES[family]()
+    draw_vision_weights_larger(model, seed=seed)
+    model.config.get_text_config().pad_token_id = processor.tokenizer.pad_token_id
+    return TinyVisionModel(model.to(dtype), processor)
+
+
+def describe(batch: dict[str, Any]) -> dict[str, tuple]:
+    return {key: tuple(value.shape) for key, value in batch.items() if torch.is_tensor(value)}
