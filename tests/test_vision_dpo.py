@@ -89,10 +89,12 @@ def count_encoded_images(model: torch.nn.Module) -> list[int]:
 
 
 CASES = [
+    ("qwen2_vl", "conversational"),
     ("qwen2_5_vl", "conversational"),
     ("qwen3_vl", "conversational"),
     ("gemma3", "conversational"),
     ("llava", "plain"),
+    ("llava_next", "conversational"),
 ]
 
 
@@ -253,3 +255,29 @@ def test_a_prefix_lm_model_falls_back_to_stock(shapes):
     with pytest.warns(PrefixShareFallbackWarning, match="bidirectional"):
         trainer = make_trainer(PrefixSharedDPOTrainer, model, shapes["plain"], quiet=False)
     assert trainer.prefix_share_fallback
+
+
+def test_two_images_per_prompt_match_stock(tiny_models):
+    """Each prompt holds two images of different sizes (different token counts per image on Qwen2.5-VL)."""
+    base = image_preference_dataset(8, seed=11)
+    wide = image_preference_dataset(4, seed=12, image_size=64)
+    rows = [dict(base[i]) for i in range(BATCH)]
+    for index, row in enumerate(rows):
+        row["images"] = row["images"] + wide[index]["images"]
+    data = Dataset.from_list(rows)
+    model = tiny(tiny_models, "qwen2_5_vl")
+    stock = make_trainer(DPOTrainer, model, data)
+    ours = make_trainer(PrefixSharedDPOTrainer, model, data)
+    perturb(stock.model)
+    perturb(ours.model)
+    batch = collate(ours, data, range(BATCH))
+    assert batch[PACKED_KEY][VISION_KEY]["image_inputs"]["image_grid_thw"].size(0) == 2 * BATCH
+    assert_equivalent(stock, ours, collate(stock, data, range(BATCH)), batch, gradient_floor=ZERO_GRADIENT_FLOOR)
+
+
+def test_reward_trainer_refuses_images(shapes, tokenizer):
+    """TRL 1.16's reward trainer takes no images (it would drop them silently): ours says so and names the fix."""
+    from trl_prefix_share import PrefixSharedRewardTrainer
+
+    with pytest.raises(ValueError, match="takes no images"):
+        PrefixSharedRewardTrainer(model="unused", train_dataset=shapes["conversational"], processing_class=tokenizer)

@@ -112,6 +112,31 @@ def qwen2_5_vl():
     return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
+def qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    processor, tokenizer = _qwen_processor(Qwen2VLProcessor, patch_size=4)
+    config = Qwen2VLConfig(
+        text_config=dict(
+            **TEXT,
+            vocab_size=len(tokenizer),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        **_qwen_ids(tokenizer),
+    )
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
 def qwen3_vl():
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
@@ -211,7 +236,55 @@ def llava():
     return LlavaForConditionalGeneration(config), processor
 
 
-FAMILIES = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "gemma3": gemma3, "llava": llava}
+def llava_next():
+    """LLaVA-NeXT: an image cut into tiles of a grid pinpoint plus a base view, with a learned newline per row."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = _tokenizer(["<image>"])
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    images = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_template("<image>"),
+    )
+    config = LlavaNextConfig(
+        text_config=dict(model_type="llama", **TEXT, vocab_size=len(tokenizer)),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+    )
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+FAMILIES = {
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
+    "gemma3": gemma3,
+    "llava": llava,
+    "llava_next": llava_next,
+}
 
 
 @dataclass

@@ -37,6 +37,22 @@ if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
 
+IMAGE_COLUMNS = ("image", "images")
+
+
+def refuse_images(*datasets: Any) -> None:
+    """TRL 1.16's ``RewardTrainer`` tokenizes the text alone: an image column would be dropped without a word."""
+    for dataset in datasets:
+        parts = dataset.values() if isinstance(dataset, dict) else [dataset]
+        for part in parts:
+            if part is not None and any(column in IMAGE_COLUMNS for column in get_dataset_column_names(part)):
+                raise ValueError(
+                    "The reward dataset has an image column, but TRL 1.16's `RewardTrainer` takes no images: stock "
+                    "TRL would train on the text alone and drop the images silently. Train image preferences with "
+                    "`PrefixSharedDPOTrainer`, or remove the image column to train a text reward model."
+                )
+
+
 class PrefixSharedRewardTrainer(RewardTrainer):
     """Drop-in replacement for [`~trl.RewardTrainer`]: same constructor, same config ([`~trl.RewardConfig`] or
     [`PrefixSharedRewardConfig`] for the extra knobs), same losses, gradients and metrics; fewer tokens processed.
@@ -68,6 +84,7 @@ class PrefixSharedRewardTrainer(RewardTrainer):
         peft_config: PeftConfig | None = None,
     ) -> None:
         start_prefix_share(self, args, peft_config)
+        refuse_images(train_dataset, eval_dataset)
         super().__init__(
             model,
             args=args,
