@@ -84,3 +84,11 @@ def test_a_short_run_learns_to_prefer_the_right_answer(tmp_path):
     assert after["answer_accuracy"] >= 0.8
     assert after["answer_accuracy"] > before["answer_accuracy"] + 0.2
     assert after["eval_loss"] < before["eval_loss"]
+
+
+def test_vision_demo_encodes_each_image_once(capsys):
+    result = main(["--vision", "--quick", "--batch-size", "4"])
+    assert result["steps"] == 4
+    assert result["images"] == 4 * 4  # one per pair, not two
+    assert result["token_ratio"] > 1.3
+    assert "images encoded" in capsys.readouterr().out

@@ -160,3 +160,26 @@ def test_hybrid_flex_kernel_fp32_matches_stock(family, tokenizer, tmp_path):
     for name, expected in stock_grads.items():
         difference = (our_grads[name] - expected).norm().item() / max(expected.norm().item(), floor)
         assert difference <= 10 * RELATIVE_TOLERANCE, name
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_5_vl"])
+def test_vision_flex_kernel_fp32_matches_stock(family):
+    """Image preferences on CUDA: FlexAttention with Gemma 3's image blocks in its `mask_mod`, Qwen2.5-VL's gathered
+    3-D positions; each image encoded once. fp32, the CPU tests' bound times ten (CUDA kernels)."""
+    from test_vision_dpo import ZERO_GRADIENT_FLOOR, collate, make_trainer
+    from vision_setup import build_vision_model
+
+    from trl_prefix_share.commands.image_preferences import image_preference_dataset
+
+    data = image_preference_dataset(8, seed=3)
+    tiny = build_vision_model(family, dtype=torch.float32)
+    stock = make_trainer(DPOTrainer, tiny, data, use_cpu=False)
+    ours = make_trainer(PrefixSharedDPOTrainer, tiny, data, use_cpu=False)
+    assert ours.prefix_share_kernel == "flex" and ours.prefix_share_fallback is None
+    stock_loss, stock_grads, _ = loss_and_grads(stock, collate(stock, data, range(4)))
+    our_loss, our_grads, _ = loss_and_grads(ours, collate(ours, data, range(4)))
+    assert relative_difference(our_loss, stock_loss) <= 10 * RELATIVE_TOLERANCE
+    floor = ZERO_GRADIENT_FLOOR * max(grad.norm().item() for grad in stock_grads.values())
+    for name, expected in stock_grads.items():
+        difference = (our_grads[name] - expected).norm().item() / max(expected.norm().item(), floor)
+        assert difference <= 10 * RELATIVE_TOLERANCE, name

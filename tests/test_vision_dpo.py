@@ -14,10 +14,10 @@ import warnings
 import pytest
 import torch
 from datasets import Dataset
+from equivalence import EQUIVALENCE_DTYPE, assert_equivalent, cpu_args, perturb, relative_difference
 from trl import DPOConfig, DPOTrainer
+from vision_setup import build_vision_model
 
-from tests.equivalence import EQUIVALENCE_DTYPE, assert_equivalent, cpu_args, perturb, relative_difference
-from tests.vision_setup import build_vision_model
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
 from trl_prefix_share.commands.image_preferences import image_preference_dataset
 from trl_prefix_share.core.collator import PACKED_KEY
@@ -232,8 +232,7 @@ def test_a_prefix_lm_model_falls_back_to_stock(shapes):
     """PaliGemma attends bidirectionally over the whole prompt: refused by its code (the text layers' check and the
     vision check, which reads its `token_type_ids` mask rule), trained as stock with a warning naming the reason."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
-    from tests.vision_setup import TEXT, TinyVisionModel, _tokenizer
+    from vision_setup import TEXT, TinyVisionModel, _tokenizer
 
     tokenizer = _tokenizer(["<image>"])
     config = PaliGemmaConfig(

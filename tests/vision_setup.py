@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from conftest import TOKENIZER_DIR
 from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin
 
-from tests.conftest import TOKENIZER_DIR
+from trl_prefix_share.commands.bench.vision import qwen_vl_processor, qwen_vl_token_ids
 
 #: One chat template for every processor: image entries become the processor's own image placeholder.
 CHAT_TEMPLATE = (
@@ -40,49 +41,14 @@ def _template(placeholder: str) -> str:
     return CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", placeholder)
 
 
-def _offline_qwen_processor(base: type) -> type:
-    """The Qwen processor class, accepting ``video_processor=None`` (its video processor needs torchvision)."""
-
-    class OfflineProcessor(base):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-        def save_pretrained(self, save_directory, **kwargs):
-            """Checkpoints save the tokenizer and image processor (there is no video processor to save)."""
-            self.tokenizer.save_pretrained(save_directory)
-            self.image_processor.save_pretrained(save_directory)
-            return []
-
-    OfflineProcessor.__name__ = base.__name__
-    return OfflineProcessor
-
-
 def _qwen_processor(processor_cls: type, patch_size: int):
-    from transformers import Qwen2VLImageProcessorPil
-
-    tokenizer = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
-    images = Qwen2VLImageProcessorPil(
-        patch_size=patch_size, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=48 * 48
-    )
-    processor = _offline_qwen_processor(processor_cls)(
-        image_processor=images,
-        tokenizer=tokenizer,
-        video_processor=None,
-        chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>"),
-    )
-    return processor, tokenizer
+    """The package's offline Qwen-VL processor (no video processor, PIL images), with small images."""
+    processor = qwen_vl_processor(str(TOKENIZER_DIR), processor_cls, patch_size=patch_size, max_pixels=48 * 48)
+    return processor, processor.tokenizer
 
 
 def _qwen_ids(tokenizer) -> dict[str, int]:
-    ids = tokenizer.convert_tokens_to_ids
-    return dict(
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
+    return qwen_vl_token_ids(tokenizer)
 
 
 def qwen2_5_vl():

@@ -13,11 +13,14 @@ from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, SHORT_NAMES
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape
 from trl_prefix_share.commands.bench.online import ONLINE_KINDS, PROMPT_SETS
 from trl_prefix_share.commands.bench.trainers import KINDS, VARIANTS
+from trl_prefix_share.commands.bench.vision import VISION_DATASETS
 
 EXAMPLE = """examples:
   trl-prefix-share bench --trainer dpo --dataset hh_harmless ultrafeedback --json out.json --plot out.png
   trl-prefix-share bench --trainer dpo orpo simpo reward --variants stock ours
   trl-prefix-share bench --model-preset qwen2.5-0.5b --dataset my_prefs.jsonl --tokenizer Qwen/Qwen2.5-0.5B
+  trl-prefix-share bench --trainer dpo --dataset shapes --variants stock unshared ours
+    (image preferences: charts and shapes drawn with PIL, a Qwen2.5-VL-shaped model, 144 image tokens per image)
   trl-prefix-share bench --trainer grpo rloo --model-preset smollm-135m --json online.json
     (online RL: prompt sets ultrafeedback-long and pandalm-short by default; G = --num-generations)
 """
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         nargs="+",
         default=["hh_harmless"],
-        help=f"short names ({', '.join(SHORT_NAMES)}: the repository's sample files), local files or hub names",
+        help=f"short names ({', '.join(SHORT_NAMES)}: the repository's sample files; {', '.join(VISION_DATASETS)}: "
+        "generated image preferences, with a Qwen2.5-VL-shaped model), local files or hub names",
     )
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer name or directory")
     parser.add_argument("--model", default=None, help="a model name or directory (default: built from a config)")
@@ -168,7 +172,7 @@ def run_bench(argv: list[str]) -> None:
         device=args.device,
         whole_file=args.whole_file,
     )
-    model = settings.model or settings.shape.describe()
+    model = settings.model_description()
     print(
         f"[trl-prefix-share bench] {model}, batch {settings.batch_size}, {settings.rounds} rounds x {settings.steps} "
         f"timed steps (+{settings.warmup} warm-up), variants {', '.join(settings.variants)}",

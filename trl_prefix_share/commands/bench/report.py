@@ -30,6 +30,7 @@ class VariantSummary:
     best_of_rounds_ratio: float | None  # per step index, fastest over rounds, summed: robust to other load
     token_ratio: float | None  # stock tokens / these tokens, on the timed batches
     per_round_speed_ratio: list[float]
+    images_per_step: float | None = None  # images the vision tower encoded per step (image data only)
 
 
 def _best_per_step(runs: list[RunResult]) -> list[float]:
@@ -75,6 +76,7 @@ def summarize(report: BenchReport) -> list[VariantSummary]:
                     best_of_rounds_ratio=sum(_best_per_step(stock)) / sum(_best_per_step(runs)) if stock else None,
                     token_ratio=stock_tokens / tokens,
                     per_round_speed_ratio=per_round,
+                    images_per_step=runs[0].images_per_step,
                 )
             )
     return summaries
@@ -117,6 +119,7 @@ def format_table(report: BenchReport, summaries: list[VariantSummary]) -> str:
                 f"{VARIANT_LABELS[s.variant]:<18}{s.median_step_s:>14.3f}{s.median_cpu_s:>12.3f}"
                 f"{s.tokens_per_step:>13.0f}{peak:>10}{growth:>8}{_ratio(s.speed_ratio):>9}{_ratio(s.best_of_rounds_ratio):>10}"
                 f"{_ratio(s.token_ratio):>9}{share:>16}"
+                + ("" if s.images_per_step is None else f"   {s.images_per_step:.0f} images encoded/step")
             )
         if "ours" in by_variant and "unshared" in by_variant:
             alone, best, limit = sharing_alone(report, (dataset, kind, checkpointing))
@@ -184,7 +187,7 @@ def plot(report: BenchReport, summaries: list[VariantSummary], path: Path) -> No
     axis.set_ylabel("median train step (s)")
     env = report.environment
     settings = report.settings
-    model = settings.model or settings.shape.describe()
+    model = settings.model_description()
     axis.set_title(
         f"train() step time; labels: speed-up vs stock TRL\n{model}, batch {settings.batch_size}, {env['dtype']}, "
         f"{env['device']}, trl {env['trl']}",

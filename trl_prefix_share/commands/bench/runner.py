@@ -24,6 +24,14 @@ from trl_prefix_share.commands.bench.data import (
 from trl_prefix_share.commands.bench.measure import PeakMemory, TokenCountingCollator, measured_train
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
 from trl_prefix_share.commands.bench.trainers import VARIANTS, make_trainer
+from trl_prefix_share.commands.bench.vision import (
+    ImageCounter,
+    VisionShape,
+    build_vision_model_dir,
+    is_vision_dataset,
+    qwen_vl_processor,
+    vision_rows,
+)
 
 
 @dataclass
@@ -45,6 +53,16 @@ class BenchSettings:
     seed: int = 42
     device: str = "auto"
     whole_file: bool = True
+    vision_shape: VisionShape = field(default_factory=VisionShape)
+    #: Examples of a generated image set over which the whole-file token limits are counted.
+    vision_examples: int = 256
+
+    def model_description(self) -> str:
+        if self.model is not None:
+            return self.model
+        if all(is_vision_dataset(name) for name in self.datasets):
+            return self.vision_shape.describe()
+        return self.shape.describe()
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -68,6 +86,7 @@ class RunResult:
     peak_memory_mib: float | None
     setup_seconds: float
     training_memory_mib: float | None = None  # timed steps' peak above the memory after the warm-up
+    images_per_step: float | None = None  # images the vision tower encoded per step (policy and reference)
 
 
 @dataclass
@@ -139,6 +158,9 @@ def run_once(
         common = common_config(settings, output_dir, gradient_checkpointing)
         trainer = make_trainer(kind, variant, common, model, tokenizer, data)
         setup = time.perf_counter() - started
+        images = ImageCounter()
+        for watched in (trainer.model, trainer.ref_model):
+            images.watch(watched)
         measured = measured_train(trainer, PeakMemory(settings.resolved_device()), settings.warmup, settings.steps)
         del trainer
     return RunResult(
@@ -154,6 +176,7 @@ def run_once(
         peak_memory_mib=measured.peak_memory_mib,
         setup_seconds=setup,
         training_memory_mib=measured.training_memory_mib,
+        images_per_step=images.images / (settings.warmup + settings.steps) if images.images else None,
     )
 
 
@@ -244,33 +267,50 @@ def run_benchmark(settings: BenchSettings, log: Any = print) -> BenchReport:
     report = BenchReport(settings, environment(settings))
     dtype = torch.float32
     model_dirs: dict[bool, str] = {}
+    processor = None
     for dataset_name in settings.datasets:
         label = dataset_label(dataset_name)
-        raw = load_rows(dataset_name)
+        vision = is_vision_dataset(dataset_name)
+        raw = None if vision else load_rows(dataset_name)
         for kind in settings.trainers:
             reward = kind == "reward"
-            if settings.model is None and reward not in model_dirs:
-                model_dirs[reward] = build_model_dir(settings.shape, tokenizer, reward, settings.seed, dtype)
-            model = settings.model or model_dirs[reward]
-            rows = trainable_rows(raw, kind, tokenizer, settings.max_length)
-            sample = Dataset.from_list(
-                sample_rows(rows, settings.batch_size * (settings.warmup + settings.steps), settings.seed)
-            )
+            processing_class = tokenizer
+            if vision:
+                if kind != "dpo":
+                    raise ValueError(f"Image data is benchmarked with `--trainer dpo` only (TRL's {kind} takes none).")
+                processor = processor or qwen_vl_processor(settings.tokenizer)
+                processing_class = processor
+                if settings.model is None and "vision" not in model_dirs:
+                    model_dirs["vision"] = build_vision_model_dir(
+                        settings.vision_shape, processor, settings.seed, dtype
+                    )
+                model = settings.model or model_dirs["vision"]
+                count = settings.batch_size * (settings.warmup + settings.steps)
+                sample = vision_rows(dataset_name, count, settings.seed, settings.vision_shape)
+                rows = vision_rows(dataset_name, settings.vision_examples, settings.seed + 1, settings.vision_shape)
+            else:
+                if settings.model is None and reward not in model_dirs:
+                    model_dirs[reward] = build_model_dir(settings.shape, tokenizer, reward, settings.seed, dtype)
+                model = settings.model or model_dirs[reward]
+                rows = trainable_rows(raw, kind, tokenizer, settings.max_length)
+                sample = Dataset.from_list(
+                    sample_rows(rows, settings.batch_size * (settings.warmup + settings.steps), settings.seed)
+                )
             for checkpointing in settings.gradient_checkpointing:
                 for round_index in range(settings.rounds):
                     for variant in settings.variants:
                         result = run_once(
-                            settings, kind, variant, model, tokenizer, sample, label, checkpointing, round_index
+                            settings, kind, variant, model, processing_class, sample, label, checkpointing, round_index
                         )
                         report.runs.append(result)
                         gc.collect()
+                        images = "" if result.images_per_step is None else f", {result.images_per_step:.0f} images/step"
                         log(
                             f"  {label} {kind} gc={'on' if checkpointing else 'off'} round {round_index + 1} "
                             f"{variant:>8}: median {statistics.median(result.step_seconds):.3f} s/step, "
-                            f"{result.tokens_per_step:.0f} tokens/step"
+                            f"{result.tokens_per_step:.0f} tokens/step{images}"
                         )
             if settings.whole_file:
-                report.whole_file.append(
-                    whole_file_tokens(settings, kind, model, tokenizer, Dataset.from_list(rows), label)
-                )
+                whole = rows if vision else Dataset.from_list(rows)
+                report.whole_file.append(whole_file_tokens(settings, kind, model, processing_class, whole, label))
     return report

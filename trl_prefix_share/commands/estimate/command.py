@@ -12,6 +12,7 @@ from trl_prefix_share.commands.estimate.counting import count_tokens
 from trl_prefix_share.commands.estimate.loading import load_preference_dataset, load_tokenizer
 from trl_prefix_share.commands.estimate.report import format_report
 from trl_prefix_share.commands.estimate.tokenization import tokenize_pairs
+from trl_prefix_share.commands.estimate.vision import count_vision_tokens, format_vision_report, has_images
 
 
 def _optional_int(value: str) -> int | None:
@@ -35,10 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="grpo/rloo: measure completion lengths from this column (capped); default: all max-completion-length",
     )
     parser.add_argument("--steps-per-generation", type=int, default=1, help="grpo/rloo: TRL's steps_per_generation")
-    parser.add_argument("--dataset", required=True, help="a .jsonl/.json/.parquet/.csv file or a hub dataset name")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="a .jsonl/.json/.parquet/.csv file, a hub dataset name, or `shapes` (the generated image preferences)",
+    )
     parser.add_argument("--dataset-config", default=None, help="hub dataset configuration name")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer name or directory (the model's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer name or directory (the model's)")
+    parser.add_argument(
+        "--processor",
+        default=None,
+        help="image data: the model's processor (name or directory), so that image tokens are counted",
+    )
     parser.add_argument(
         "--batch-size", type=int, nargs="+", default=[8], help="per-device train batch size(s) (default: 8)"
     )
@@ -110,6 +120,30 @@ def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
+def run_vision_estimate(dataset, args: argparse.Namespace) -> None:
+    """Image preference data: collate with the processor (image tokens counted), batch size by batch size."""
+    from transformers import AutoProcessor
+
+    if args.processor is None:
+        raise SystemExit(
+            f"{args.dataset} holds images: pass the model's processor (--processor NAME_OR_DIR) so that image tokens "
+            "are counted"
+        )
+    if not has_images(dataset):
+        raise SystemExit(f"--processor is for image data; {args.dataset} has no `image`/`images` column")
+    processor = AutoProcessor.from_pretrained(args.processor)
+    estimates = [
+        count_vision_tokens(
+            dataset, processor, batch_size, args.max_length, shuffle=not args.no_shuffle, seed=args.seed
+        )
+        for batch_size in args.batch_size
+    ]
+    print(format_vision_report(estimates, f"trl-prefix-share estimate: {args.dataset} with processor {args.processor}"))
+    if args.json:
+        payload = {"dataset": args.dataset, "processor": args.processor, "estimates": [e.to_dict() for e in estimates]}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
 def run_estimate(argv: list[str]) -> None:
     """The `estimate` command: tokenize once, count for each batch size, print the table (and write JSON)."""
     args = build_parser().parse_args(argv)
@@ -117,7 +151,17 @@ def run_estimate(argv: list[str]) -> None:
         from datasets import disable_progress_bars
 
         disable_progress_bars()
-    dataset = load_preference_dataset(args.dataset, args.split, args.dataset_config)
+    if args.dataset == "shapes":
+        from trl_prefix_share.commands.image_preferences import image_preference_dataset
+
+        dataset = image_preference_dataset(256, seed=args.seed)
+    else:
+        dataset = load_preference_dataset(args.dataset, args.split, args.dataset_config)
+    if has_images(dataset) or args.processor:
+        run_vision_estimate(_limit(dataset, args), args)
+        return
+    if args.tokenizer is None:
+        raise SystemExit("estimate needs --tokenizer (text data) or --processor (image data)")
     title = f"trl-prefix-share estimate: {args.dataset} with tokenizer {args.tokenizer}"
     if args.trainer != "dpo":
         dataset = _limit(dataset, args)
