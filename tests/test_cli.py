@@ -166,3 +166,38 @@ def test_accelerate_config_relaunches_the_command(monkeypatch):
         "--max_steps",
         "2",
     ]
+
+
+def test_dpo_command_on_image_data_loads_the_processor(tmp_path, capsys):
+    """`trl-prefix-share dpo` on a dataset with an `images` column: the trainer loads the model's processor (as TRL's
+    `dpo` script lets it), each image is encoded once per pair, and the model is saved."""
+    from vision_setup import build_vision_model
+
+    from trl_prefix_share.commands.image_preferences import image_preference_dataset
+
+    tiny = build_vision_model("llava")
+    tiny.model.save_pretrained(tmp_path / "model")
+    tiny.processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    image_preference_dataset(4, seed=1).to_parquet(str(tmp_path / "data" / "train.parquet"))
+    main(
+        [
+            "dpo",
+            "--model_name_or_path",
+            str(tmp_path / "model"),
+            "--dataset_name",
+            str(tmp_path / "data"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--report_to",
+            "none",
+        ]
+    )
+    out = capsys.readouterr().out
+    ratio = re.search(r"stock TRL: [\d,]+, ([\d.]+)x\)", out)
+    assert ratio and float(ratio.group(1)) > 1.2
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -155,11 +155,14 @@ def run_trainer(name: str, argv: list[str]) -> None:
     )
     _model_kwargs(training_args, model_args)
     train, evaluate = _splits(_load_data(script_args, dataset_args), script_args, training_args)
+    # Image data: the model's processor, which the trainer loads itself as TRL's `dpo` script lets it do.
+    columns = getattr(train, "column_names", None) or []
+    images = name == "dpo" and any(column in columns for column in ("image", "images"))
     trainer = _import(command.trainer)(
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluate,
-        processing_class=AutoTokenizer.from_pretrained(model_args.model_name_or_path),
+        processing_class=None if images else AutoTokenizer.from_pretrained(model_args.model_name_or_path),
         **_trainer_inputs(command, training_args, model_args),
     )
     train_save_and_report(trainer, training_args, script_args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trl_prefix_share.core.collator import PACKED_KEY, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.collator import PACKED_KEY, PrefixSharedPreferenceCollator, pair_documents
 from trl_prefix_share.core.vision.image_inputs import example_fingerprints, image_tensors
 from trl_prefix_share.core.vision.placement import VISION_KEY, place_images
 
@@ -41,7 +41,10 @@ class PrefixSharedVisionPreferenceCollator(PrefixSharedPreferenceCollator):
         counts = images_per_example(examples)  # before TRL's collator turns `image` into `images`
         batch = self.base_collator(examples)
         tensors = image_tensors(batch)
-        prints = example_fingerprints(tensors, counts) if tensors else None
+        # Pairs keep one example's chosen and rejected rows together (same images by construction); only documents
+        # that may join examples need the images in the prompt identity.
+        joins_examples = self.group_documents is not pair_documents
+        prints = example_fingerprints(tensors, counts) if tensors and joins_examples else None
         packed = self.pack(batch, prompt_images=prints)
         if tensors:
             packed[VISION_KEY] = place_images(packed, batch["input_ids"], self.image_token_id, counts, tensors)

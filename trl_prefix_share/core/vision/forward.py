@@ -109,8 +109,11 @@ def vision_model_inputs(
     vision = packed.get(VISION_KEY)
     source_index = packed["source_index"]
     extra: dict[str, Any] = {}
-    if support.multimodal_rope:
-        positions = _stock_3d_positions(backbone, stock, stock_input_ids, stock_attention_mask)
+    if support.multimodal_rope:  # the same for the policy and the reference forward: computed once per step
+        positions = layout.cached(
+            "multimodal_positions",
+            lambda: _stock_3d_positions(backbone, stock, stock_input_ids, stock_attention_mask),
+        )
         if positions is not None:
             extra["position_ids"] = gather_per_token(positions, source_index)
     for key in list(vision["image_inputs"]) if vision is not None else ():
