@@ -159,7 +159,7 @@ def run_once(
         trainer = make_trainer(kind, variant, common, model, tokenizer, data)
         setup = time.perf_counter() - started
         images = ImageCounter()
-        for watched in (trainer.model, trainer.ref_model):
+        for watched in (trainer.model, getattr(trainer, "ref_model", None)):
             images.watch(watched)
         measured = measured_train(trainer, PeakMemory(settings.resolved_device()), settings.warmup, settings.steps)
         del trainer
