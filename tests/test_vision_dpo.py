@@ -280,3 +280,52 @@ def test_reward_trainer_refuses_images(shapes, tokenizer):
 
     with pytest.raises(ValueError, match="takes no images"):
         PrefixSharedRewardTrainer(model="unused", train_dataset=shapes["conversational"], processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_image_blocks_are_the_same_rule_in_both_kernels(window):
+    """Gemma 3's rule (causal OR same image, then the window) in the SDPA decomposition and in FlexAttention's
+    `mask_mod` (eager on CPU), against one dense mask written out from the rule."""
+    from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
+    from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
+    from trl_prefix_share.core.attention.sdpa_packed import packed_sdpa_attention
+    from trl_prefix_share.core.layout import SequenceSpec, make_document, pack_documents
+
+    generator = torch.Generator().manual_seed(0)
+    documents = []
+    for doc, (prompt, answers) in enumerate([(9, (3, 4)), (7, (5, 2, 3)), (6, (4,))]):
+        shared = torch.randint(1, 50, (prompt,), generator=generator)
+        specs = [
+            SequenceSpec(torch.cat([shared, torch.randint(1, 50, (n,), generator=generator)]), prompt, 3 * doc + k)
+            for k, n in enumerate(answers)
+        ]
+        documents.append(make_document(specs))
+    packed = pack_documents(documents, num_virtual_rows=9, virtual_length=16, pad_token_id=0)
+    layout = PackedAttentionLayout(packed, "sdpa")
+    blocks = torch.full_like(packed["input_ids"], -1)
+    blocks[0, 2:6] = 0  # an image inside the first prefix, another inside the second
+    start = int((packed["document_ids"][0] == 1).nonzero()[0])
+    blocks[0, start + 1 : start + 4] = 1
+    layout.image_blocks = blocks
+    heads, dim = 2, 8
+    length = packed["input_ids"].size(1)
+    query, key, value = (torch.randn(1, heads, length, dim, generator=generator, dtype=torch.float64) for _ in range(3))
+    sdpa = packed_sdpa_attention(query, key, value, layout, None, 0.0, window)
+    flex = packed_flex_attention(query, key, value, layout, None, window, compiled=False)
+
+    doc, branch, pos = packed["document_ids"][0], packed["branch_ids"][0], packed["position_ids"][0]
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    same_image = (blocks[0][:, None] == blocks[0][None, :]) & (blocks[0][:, None] >= 0)
+    allowed = (doc[:, None] == doc[None, :]) & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+    allowed &= (k <= q) | same_image
+    if window is not None:
+        allowed &= pos[:, None] - pos[None, :] < window
+    allowed |= (doc[:, None] < 0) & (q == k)
+    dense = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed).transpose(1, 2)
+    real = doc >= 0
+    assert torch.allclose(sdpa[0, real], dense[0, real], atol=1e-12)
+    assert torch.allclose(flex[0, real].double(), dense[0, real], atol=1e-6)
+    assert not torch.allclose(
+        sdpa[0, 2:6],
+        packed_sdpa_attention(query, key, value, PackedAttentionLayout(packed, "sdpa"), None, 0.0, window)[0, 2:6],
+    )

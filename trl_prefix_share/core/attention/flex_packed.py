@@ -29,20 +29,26 @@ def build_block_mask(layout: PackedAttentionLayout, sliding_window: int | None, 
     doc = layout.document_ids.to(device)
     branch = layout.branch_ids.to(device)
     pos = layout.position_ids.to(device)
-    blocks = None if layout.image_blocks is None else layout.image_blocks.to(device)
     rows, length = doc.shape
 
     def mask_mod(b, h, q_idx, kv_idx):
         same_doc = doc[b, q_idx] == doc[b, kv_idx]
         visible_branch = (branch[b, kv_idx] == 0) | (branch[b, kv_idx] == branch[b, q_idx])
-        order = kv_idx <= q_idx
-        if blocks is not None:  # Gemma 3: bidirectional inside an image (a run of image tokens of one segment)
-            order = order | ((blocks[b, q_idx] == blocks[b, kv_idx]) & (blocks[b, q_idx] >= 0))
-        real = (doc[b, q_idx] >= 0) & same_doc & visible_branch & order
+        real = (doc[b, q_idx] >= 0) & same_doc & visible_branch & (kv_idx <= q_idx)
         if sliding_window is not None:
             real = real & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
         # Row padding attends to itself only, so no row of the softmax is empty.
         return real | ((doc[b, q_idx] < 0) & (q_idx == kv_idx))
+
+    if layout.image_blocks is not None:
+        blocks = layout.image_blocks.to(device)
+        causal_mask_mod = mask_mod
+
+        def mask_mod(b, h, q_idx, kv_idx):  # Gemma 3: also bidirectional inside an image (one segment's run)
+            same_image = (blocks[b, q_idx] == blocks[b, kv_idx]) & (blocks[b, q_idx] >= 0)
+            if sliding_window is not None:
+                same_image = same_image & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
+            return causal_mask_mod(b, h, q_idx, kv_idx) | same_image
 
     return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
 
