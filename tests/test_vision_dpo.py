@@ -19,10 +19,11 @@ from trl import DPOConfig, DPOTrainer
 from vision_setup import build_vision_model
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
+from trl_prefix_share.commands.bench.vision import ImageCounter
 from trl_prefix_share.commands.image_preferences import image_preference_dataset
 from trl_prefix_share.core.collator import PACKED_KEY
 from trl_prefix_share.core.installer import PrefixShareFallbackWarning
-from trl_prefix_share.core.vision.model_kinds import multimodal_backbone, vision_support
+from trl_prefix_share.core.vision.model_kinds import vision_support
 from trl_prefix_share.core.vision.placement import VISION_KEY
 
 #: An attention layer's key bias has a zero gradient in exact arithmetic (a softmax is unchanged by a constant added
@@ -72,22 +73,6 @@ def collate(trainer, dataset, indices):
     return trainer._prepare_inputs(trainer.data_collator(examples))
 
 
-def count_encoded_images(model: torch.nn.Module) -> list[int]:
-    """Wrap the vision entry point of ``model``; the returned list collects the images of each call."""
-    backbone = multimodal_backbone(model)
-    original = backbone.get_image_features
-    seen: list[int] = []
-
-    def counting(*args, **kwargs):
-        grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
-        pixels = kwargs.get("pixel_values", args[0] if args else None)
-        seen.append(int(grid.size(0)) if grid is not None else int(pixels.size(0)))
-        return original(*args, **kwargs)
-
-    backbone.get_image_features = counting
-    return seen
-
-
 CASES = [
     ("qwen2_vl", "conversational"),
     ("qwen2_5_vl", "conversational"),
@@ -107,13 +92,15 @@ def test_dpo_matches_stock_with_each_image_encoded_once(tiny_models, shapes, fam
     assert ours.prefix_share_fallback is None
     perturb(stock.model)
     perturb(ours.model)
-    stock_images, our_images = count_encoded_images(stock.model), count_encoded_images(ours.model)
+    stock_images, our_images = ImageCounter(), ImageCounter()
+    stock_images.watch(stock.model)
+    our_images.watch(ours.model)
     indices = list(range(BATCH))
     our_batch = collate(ours, data, indices)
     assert our_batch[PACKED_KEY]["input_ids"].size(0) == 1  # all four pairs in one packed row
     assert_equivalent(stock, ours, collate(stock, data, indices), our_batch, gradient_floor=ZERO_GRADIENT_FLOOR)
     # stock encodes every image for chosen and rejected (and again for the reference); ours once per pair
-    assert stock_images == [2 * BATCH] and our_images == [BATCH]
+    assert stock_images.images == 2 * BATCH and our_images.images == BATCH
 
 
 def test_identical_text_with_different_images_is_never_shared(tiny_models):

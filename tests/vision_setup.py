@@ -171,35 +171,44 @@ def gemma3():
     return Gemma3ForConditionalGeneration(config), processor
 
 
-def llava():
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+#: LLaVA and LLaVA-NeXT's tiny CLIP tower: 32 x 32 images in 8 x 8 patches, 16 image tokens (the CLS dropped).
+CLIP_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    projection_dim=32,
+)
 
+
+def _llava_family(processor_cls: type, config_cls: type, model_cls: type, images, **config_fields):
     tokenizer = _tokenizer(["<image>"])
-    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(
+    processor = processor_cls(
         image_processor=images,
         tokenizer=tokenizer,
-        patch_size=8,
+        patch_size=CLIP_VISION["patch_size"],
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=_template("<image>"),
     )
-    config = LlavaConfig(
+    config = config_cls(
         text_config=dict(model_type="llama", **TEXT, vocab_size=len(tokenizer)),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=32,
-        ),
+        vision_config=CLIP_VISION,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
+        **config_fields,
     )
-    return LlavaForConditionalGeneration(config), processor
+    return model_cls(config), processor
+
+
+def llava():
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return _llava_family(LlavaProcessor, LlavaConfig, LlavaForConditionalGeneration, images)
 
 
 def llava_next():
@@ -211,36 +220,17 @@ def llava_next():
         LlavaNextProcessor,
     )
 
-    tokenizer = _tokenizer(["<image>"])
     pinpoints = [[32, 64], [64, 32], [64, 64]]
     images = LlavaNextImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
     )
-    processor = LlavaNextProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=_template("<image>"),
-    )
-    config = LlavaNextConfig(
-        text_config=dict(model_type="llama", **TEXT, vocab_size=len(tokenizer)),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=32,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    return _llava_family(
+        LlavaNextProcessor,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        images,
         image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-1,
     )
-    return LlavaNextForConditionalGeneration(config), processor
 
 
 FAMILIES = {
