@@ -47,93 +47,48 @@ def _qwen_processor(processor_cls: type, patch_size: int):
     return processor, processor.tokenizer
 
 
-def _qwen_ids(tokenizer) -> dict[str, int]:
-    return qwen_vl_token_ids(tokenizer)
+#: The Qwen-VL family's tiny vision tower: 4-pixel patches merged 2 x 2, two blocks of 32.
+QWEN_VISION = dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+
+
+def _qwen_family(names: tuple[str, str, str], text: dict, vision: dict):
+    """A tiny Qwen-VL model (``names``: processor, config and model classes) and its offline processor."""
+    import transformers
+
+    processor_cls, config_cls, model_cls = (getattr(transformers, name) for name in names)
+    processor, tokenizer = _qwen_processor(processor_cls, patch_size=QWEN_VISION["patch_size"])
+    config = config_cls(
+        text_config=dict(**TEXT, vocab_size=len(tokenizer), **text),
+        vision_config={**QWEN_VISION, **vision},
+        **qwen_vl_token_ids(tokenizer),
+    )
+    return model_cls(config), processor
 
 
 def qwen2_5_vl():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-
-    processor, tokenizer = _qwen_processor(Qwen2_5_VLProcessor, patch_size=4)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            **TEXT,
-            vocab_size=len(tokenizer),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=32,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=16,
-            fullatt_block_indexes=[1],
-        ),
-        **_qwen_ids(tokenizer),
+    return _qwen_family(
+        ("Qwen2_5_VLProcessor", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+        dict(rope_parameters=MROPE),
+        dict(intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1]),
     )
-    return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
 def qwen2_vl():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-
-    processor, tokenizer = _qwen_processor(Qwen2VLProcessor, patch_size=4)
-    config = Qwen2VLConfig(
-        text_config=dict(
-            **TEXT,
-            vocab_size=len(tokenizer),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
-        ),
-        vision_config=dict(
-            depth=2,
-            embed_dim=32,
-            hidden_size=32,
-            mlp_ratio=2,
-            num_heads=2,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-        **_qwen_ids(tokenizer),
+    return _qwen_family(
+        ("Qwen2VLProcessor", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+        dict(rope_parameters=MROPE),
+        dict(embed_dim=32, mlp_ratio=2),
     )
-    return Qwen2VLForConditionalGeneration(config), processor
 
 
 def qwen3_vl():
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-
-    processor, tokenizer = _qwen_processor(Qwen3VLProcessor, patch_size=4)
-    config = Qwen3VLConfig(
-        text_config=dict(
-            **TEXT,
-            head_dim=8,
-            vocab_size=len(tokenizer),
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 1, 1],
-                "mrope_interleaved": True,
-            },
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=32,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=144,
-            deepstack_visual_indexes=[0],
-        ),
-        **_qwen_ids(tokenizer),
+    """Qwen3-VL: interleaved multimodal RoPE, and deepstack features added inside the first text layer."""
+    return _qwen_family(
+        ("Qwen3VLProcessor", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+        dict(head_dim=8, rope_parameters={**MROPE, "mrope_interleaved": True}),
+        dict(intermediate_size=64, out_hidden_size=32, num_position_embeddings=144, deepstack_visual_indexes=[0]),
     )
-    return Qwen3VLForConditionalGeneration(config), processor
 
 
 def gemma3():
