@@ -26,10 +26,10 @@ from trl_prefix_share.core.installer import PrefixShareFallbackWarning
 from trl_prefix_share.core.vision.model_kinds import vision_support
 from trl_prefix_share.core.vision.placement import VISION_KEY
 
-#: An attention layer's key bias has a zero gradient in exact arithmetic (a softmax is unchanged by a constant added
-#: to every score of a row), so both sides hold ~1e-17 of the largest gradient in float64 noise there. Gradients
-#: below this fraction of the largest are compared against it (every other gradient against its own size).
-ZERO_GRADIENT_FLOOR = 1e-10
+#: The key bias of an attention without rotary positions (the CLIP and SigLIP towers) has a zero gradient in exact
+#: arithmetic (a softmax is unchanged by a constant added to every score of a row): both sides hold rounding noise
+#: there (~1e-17 of the largest gradient in float64, ~1e-9 in float32), checked to be tiny rather than equal.
+ZERO_GRADIENTS = r"vision_tower\..*k_proj\.bias$"
 BATCH = 4
 
 
@@ -98,7 +98,7 @@ def test_dpo_matches_stock_with_each_image_encoded_once(tiny_models, shapes, fam
     indices = list(range(BATCH))
     our_batch = collate(ours, data, indices)
     assert our_batch[PACKED_KEY]["input_ids"].size(0) == 1  # all four pairs in one packed row
-    assert_equivalent(stock, ours, collate(stock, data, indices), our_batch, gradient_floor=ZERO_GRADIENT_FLOOR)
+    assert_equivalent(stock, ours, collate(stock, data, indices), our_batch, zero_gradients=ZERO_GRADIENTS)
     # stock encodes every image for chosen and rejected (and again for the reference); ours once per pair
     assert stock_images.images == 2 * BATCH and our_images.images == BATCH
 
@@ -122,7 +122,7 @@ def test_identical_text_with_different_images_is_never_shared(tiny_models):
     documents = batch[PACKED_KEY]["document_ids"]
     assert int(documents.max()) + 1 == 3
     assert batch[PACKED_KEY][VISION_KEY]["image_inputs"]["image_grid_thw"].size(0) == 3  # pair 1 reuses pair 0's
-    assert_equivalent(stock, ours, collate(stock, data, range(4)), batch, gradient_floor=ZERO_GRADIENT_FLOOR)
+    assert_equivalent(stock, ours, collate(stock, data, range(4)), batch, zero_gradients=ZERO_GRADIENTS)
 
 
 @pytest.mark.parametrize("options", [{"share_prefix": False}, {"max_row_tokens": 200}])
@@ -136,7 +136,7 @@ def test_unshared_and_several_rows_match_stock(tiny_models, shapes, options):
     batch = collate(ours, data, range(BATCH))
     if "max_row_tokens" in options:
         assert batch[PACKED_KEY]["input_ids"].size(0) > 1
-    assert_equivalent(stock, ours, collate(stock, data, range(BATCH)), batch, gradient_floor=ZERO_GRADIENT_FLOOR)
+    assert_equivalent(stock, ours, collate(stock, data, range(BATCH)), batch, zero_gradients=ZERO_GRADIENTS)
 
 
 def policy_log_probs(trainer, batch) -> torch.Tensor:
@@ -258,7 +258,7 @@ def test_two_images_per_prompt_match_stock(tiny_models):
     perturb(ours.model)
     batch = collate(ours, data, range(BATCH))
     assert batch[PACKED_KEY][VISION_KEY]["image_inputs"]["image_grid_thw"].size(0) == 2 * BATCH
-    assert_equivalent(stock, ours, collate(stock, data, range(BATCH)), batch, gradient_floor=ZERO_GRADIENT_FLOOR)
+    assert_equivalent(stock, ours, collate(stock, data, range(BATCH)), batch, zero_gradients=ZERO_GRADIENTS)
 
 
 def test_reward_trainer_refuses_images(shapes, tokenizer):
@@ -267,6 +267,27 @@ def test_reward_trainer_refuses_images(shapes, tokenizer):
 
     with pytest.raises(ValueError, match="takes no images"):
         PrefixSharedRewardTrainer(model="unused", train_dataset=shapes["conversational"], processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_float32_matches_stock(shapes, family):
+    """The same in float32, as users train on a CPU: loss, gradients and metrics within 5e-5 (float32 kernel noise:
+    2.2e-6 measured here; the text tests saw up to 1.17e-5 on another VM, see `equivalence.py`)."""
+    model = build_vision_model(family, dtype=torch.float32)
+    data = shapes["conversational"]
+    stock = make_trainer(DPOTrainer, model, data)
+    ours = make_trainer(PrefixSharedDPOTrainer, model, data)
+    perturb(stock.model)
+    perturb(ours.model)
+    indices = range(BATCH)
+    assert_equivalent(
+        stock,
+        ours,
+        collate(stock, data, indices),
+        collate(ours, data, indices),
+        tolerance=5e-5,
+        zero_gradients=ZERO_GRADIENTS,
+    )
 
 
 @pytest.mark.parametrize("window", [None, 6])
