@@ -103,16 +103,21 @@ def test_dpo_matches_stock_with_each_image_encoded_once(tiny_models, shapes, fam
     assert stock_images.images == 2 * BATCH and our_images.images == BATCH
 
 
-def test_identical_text_with_different_images_is_never_shared(tiny_models):
-    """Pairs 0 and 1: same question, same image (one document of four responses). Pairs 2 and 3: same question,
-    different images (two documents). Grouped by prompt, still exactly stock's numbers."""
+def one_question_over_images() -> Dataset:
+    """Four pairs with one question: pairs 0 and 1 over the same image, pairs 2 and 3 over two other images."""
     base = image_preference_dataset(4, seed=7)
     rows = [dict(base[i]) for i in range(4)]
     question = [{"role": "user", "content": "Describe the picture in one sentence."}]
     for row in rows:
         row["prompt"] = question
     rows[1]["images"] = rows[0]["images"]
-    data = Dataset.from_list(rows)
+    return Dataset.from_list(rows)
+
+
+def test_identical_text_with_different_images_is_never_shared(tiny_models):
+    """Pairs 0 and 1: same question, same image (one document of four responses). Pairs 2 and 3: same question,
+    different images (two documents). Grouped by prompt, still exactly stock's numbers."""
+    data = one_question_over_images()
     model = tiny(tiny_models, "qwen2_5_vl")
     stock = make_trainer(DPOTrainer, model, data)
     ours = make_trainer(PrefixSharedDPOTrainer, model, data, group_by_prompt=True)
@@ -123,6 +128,23 @@ def test_identical_text_with_different_images_is_never_shared(tiny_models):
     assert int(documents.max()) + 1 == 3
     assert batch[PACKED_KEY][VISION_KEY]["image_inputs"]["image_grid_thw"].size(0) == 3  # pair 1 reuses pair 0's
     assert_equivalent(stock, ours, collate(stock, data, range(4)), batch, zero_gradients=ZERO_GRADIENTS)
+
+
+def test_the_prompt_sampler_keys_on_text_and_pixels(tiny_models):
+    """`group_by_prompt` batches pairs by prompt text *and* image; length-sorted batches need lengths up front,
+    which image data lacks, and are refused by name."""
+    from trl_prefix_share.trainers.dpo.grouping import PromptGroupedSampler, vision_prompt_keys
+
+    data = one_question_over_images()
+    keys = vision_prompt_keys(data)
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
+    ours = make_trainer(PrefixSharedDPOTrainer, tiny(tiny_models, "llava"), data, group_by_prompt=True)
+    sampler = ours._get_train_sampler()
+    assert isinstance(sampler, PromptGroupedSampler)
+    assert sorted(sorted(group) for group in sampler.groups) == [[0, 1], [2], [3]]
+    by_length = make_trainer(PrefixSharedDPOTrainer, tiny(tiny_models, "llava"), data, length_grouped_batches=True)
+    with pytest.raises(ValueError, match="vision data"):
+        by_length._get_train_sampler()
 
 
 @pytest.mark.parametrize("options", [{"share_prefix": False}, {"max_row_tokens": 200}])

@@ -148,6 +148,8 @@ def run_trainer(name: str, argv: list[str]) -> None:
     from transformers import AutoTokenizer
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
+    from trl_prefix_share.core.vision.image_inputs import has_image_column
+
     command = TRAINER_COMMANDS[name]
     config_class = _import(command.config)
     script_args, training_args, model_args, dataset_args = _parse(
@@ -156,8 +158,7 @@ def run_trainer(name: str, argv: list[str]) -> None:
     _model_kwargs(training_args, model_args)
     train, evaluate = _splits(_load_data(script_args, dataset_args), script_args, training_args)
     # Image data: the model's processor, which the trainer loads itself as TRL's `dpo` script lets it do.
-    columns = getattr(train, "column_names", None) or []
-    images = name == "dpo" and any(column in columns for column in ("image", "images"))
+    images = name == "dpo" and has_image_column(getattr(train, "column_names", None))
     trainer = _import(command.trainer)(
         args=training_args,
         train_dataset=train,

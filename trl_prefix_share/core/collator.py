@@ -85,6 +85,9 @@ class PrefixSharedPreferenceCollator:
         self.options = options
         self.group_documents = group_documents
 
+    #: Whether the layout records each packed token's stock token (``source_index``: image features, positions).
+    needs_source_index = False
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base_collator(examples)
         batch[PACKED_KEY] = self.pack(batch)
@@ -111,5 +114,6 @@ class PrefixSharedPreferenceCollator:
             num_virtual_rows=input_ids.size(0),
             virtual_length=input_ids.size(1),
             pad_token_id=self.pad_token_id,
+            source_index=self.needs_source_index,
             **self.options.layout_kwargs(),
         )

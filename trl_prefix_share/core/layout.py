@@ -246,6 +246,7 @@ def pack_documents(
     pad_to_multiple_of: int | None = None,
     sdpa_buckets: bool = True,
     pack: bool = True,
+    source_index: bool = False,
 ) -> dict[str, torch.Tensor | list[dict[str, torch.Tensor]]]:
     """Lay documents out in packed rows.
 
@@ -261,6 +262,7 @@ def pack_documents(
         pad_to_multiple_of: pad the row length to a multiple of this (bounds recompiles of compiled kernels).
         sdpa_buckets: also build the index/mask tensors of the per-group SDPA decomposition (CPU kernel).
         pack: ``False`` puts every document in its own row, rows padded to the longest (ablation baseline).
+        source_index: also return ``source_index`` (needed by image prompts only).
 
     Returns a dict of tensors: ``input_ids``, ``position_ids``, ``shift_labels``, ``document_ids``, ``branch_ids``
     (all ``[rows, T]``), ``label_index`` (flat packed index of every labelled position, row-major) and
@@ -268,7 +270,7 @@ def pack_documents(
     stock rows hold each packed token: weights of per-token statistics such as the MoE load-balancing loss, 0 on
     row padding), ``branch_lengths`` (labelled tokens per sequence, by virtual row), ``last_index`` (flat packed
     index of each sequence's last token, by virtual row: where a reward model reads its score), and
-    ``source_index`` (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]``
+    ``source_index`` when asked (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]``
     batch of the token each packed position holds, -1 on row padding: how per-token stock inputs such as image
     features, multimodal positions or token types are gathered into the packed rows), and ``attention_buckets`` (a
     list) when ``sdpa_buckets``.
@@ -324,7 +326,7 @@ def pack_documents(
     document_ids = torch.full((num_rows * row_length,), PAD_DOCUMENT, dtype=torch.long)
     branch_ids = torch.full((num_rows * row_length,), PAD_DOCUMENT, dtype=torch.long)
     token_weights = torch.zeros(num_rows * row_length, dtype=torch.long)
-    source_index = torch.full((num_rows * row_length,), -1, dtype=torch.long)
+    sources = torch.full((num_rows * row_length,), -1, dtype=torch.long)
     label_index = target_index = torch.zeros(0, dtype=torch.long)
     branch_lengths = torch.zeros(num_virtual_rows, dtype=torch.long)
 
@@ -347,7 +349,7 @@ def pack_documents(
         document_ids[dst] = seg_document[run]
         branch_ids[dst] = seg_branch[run]
         token_weights[dst] = seg_weight[run]
-        source_index[dst] = seq_info[owner, 2] * virtual_length + seq_info[owner, 3] + pos
+        sources[dst] = seq_info[owner, 2] * virtual_length + seq_info[owner, 3] + pos
 
         next_pos = pos + 1
         labelled = (next_pos < seq_info[owner, 0]) & (next_pos >= seq_info[owner, 1])
@@ -384,8 +386,9 @@ def pack_documents(
         "target_index": target_index,
         "branch_lengths": branch_lengths,
         "last_index": last_index,
-        "source_index": source_index.view(shape),
     }
+    if source_index:
+        batch["source_index"] = sources.view(shape)
     if sdpa_buckets:
         buckets = [(trunk_groups, True), (side_groups, False)]
         batch["attention_buckets"] = [_attention_bucket(groups, trunk) for groups, trunk in buckets if groups]

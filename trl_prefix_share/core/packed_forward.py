@@ -78,9 +78,10 @@ def install_packed_forward(model: torch.nn.Module, kernel: str) -> None:
             kwargs.pop(name, None)
         layout = layout_for_batch(packed, kernel)
         extra: dict[str, Any] = {}
-        if vision is not None:
-            if VISION_KEY in packed and not vision.served:
-                raise RuntimeError(f"Prefix sharing cannot serve image inputs for this model: {vision.reason}.")
+        if VISION_KEY in packed and (vision is None or not vision.served):
+            reason = "it is not a vision-language model" if vision is None else vision.reason
+            raise RuntimeError(f"Prefix sharing cannot serve image inputs for this model: {reason}.")
+        if vision is not None and "source_index" in packed:  # a batch of TRL's vision collator
             extra = vision_model_inputs(model, vision, packed, kwargs, virtual_ids, stock_attention_mask, layout)
         if kwargs.get("output_router_logits") or _config_requests_router_logits(model):
             # TRL's head computes the MoE load-balancing loss as a mean over the tokens its `attention_mask` marks.

@@ -14,13 +14,12 @@ from typing import Any
 from trl_prefix_share.commands.estimate.counting import sampler_order
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.vision.collator import PrefixSharedVisionPreferenceCollator, images_per_example
+from trl_prefix_share.core.vision.image_inputs import has_image_column
 from trl_prefix_share.core.vision.placement import VISION_KEY
-
-IMAGE_COLUMNS = ("image", "images")
 
 
 def has_images(dataset: Any) -> bool:
-    return any(column in dataset.column_names for column in IMAGE_COLUMNS)
+    return has_image_column(dataset.column_names)
 
 
 def processor_image_token_id(processor: Any) -> int:
@@ -95,7 +94,7 @@ def count_vision_tokens(
         totals["packed_image_tokens"] += int((packed["input_ids"] == image_token).sum())
         totals["stock"] += 2 * sum(counts)
         vision = packed.get(VISION_KEY)
-        totals["packed"] += 0 if vision is None else _images_in(vision["image_inputs"], sum(counts))
+        totals["packed"] += 0 if vision is None else vision["num_images"]
         batches += 1
     return VisionEstimate(
         batch_size=batch_size,
@@ -108,13 +107,6 @@ def count_vision_tokens(
         stock_images_encoded=totals["stock"],
         packed_images_encoded=totals["packed"],
     )
-
-
-def _images_in(image_inputs: dict[str, Any], batch_images: int) -> int:
-    """How many images the packed batch encodes (a per-image tensor's rows; a grid has one row per image)."""
-    if "image_grid_thw" in image_inputs:
-        return int(image_inputs["image_grid_thw"].size(0))
-    return int(next(iter(image_inputs.values())).size(0)) if image_inputs else batch_images
 
 
 def format_vision_report(estimates: list[VisionEstimate], title: str) -> str:

@@ -33,6 +33,8 @@ class PrefixSharedVisionPreferenceCollator(PrefixSharedPreferenceCollator):
         image_token_id: the model's image placeholder token (its config's ``image_token_id``).
     """
 
+    needs_source_index = True
+
     def __init__(self, *args: Any, image_token_id: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.image_token_id = image_token_id

@@ -123,6 +123,6 @@ def vision_model_inputs(
             extra[key] = gather_per_token(stock.pop(key), source_index)  # token types of the stock rows
     if vision is not None:
         extra["mm_encoder_outputs"] = {"image": encode_images_once(backbone, vision)}
-    if support.bidirectional_images and "token_type_ids" in extra:
-        layout.image_blocks = image_blocks(extra["token_type_ids"], layout)
+    if support.bidirectional_images and "token_type_ids" in extra:  # once per step, like the masks built from it
+        layout.image_blocks = layout.cached("image_blocks", lambda: image_blocks(extra["token_type_ids"], layout))
     return extra

@@ -18,6 +18,13 @@ TEXT_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask", "token_
 #: Keys a vision preference batch may carry that are neither text nor image inputs.
 OTHER_KEYS = frozenset({"ref_chosen_logps", "ref_rejected_logps"})
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
+#: TRL's image columns: a list of images per example, or a single image.
+IMAGE_COLUMNS = ("image", "images")
+
+
+def has_image_column(column_names) -> bool:
+    """Whether a dataset with these columns is image data (TRL's ``_is_vision_dataset`` rule)."""
+    return any(column in IMAGE_COLUMNS for column in column_names or ())
 
 
 class UnsupportedImageInputs(ValueError):

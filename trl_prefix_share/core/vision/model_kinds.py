@@ -42,7 +42,7 @@ class VisionSupport:
 def multimodal_backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward merges images into the text (``model.model`` of a ``*ForConditionalGeneration``)."""
     backbone = getattr(model, "base_model", model)
-    return backbone if backbone is not model or not hasattr(model, "model") else model.model
+    return getattr(model, "model", model) if backbone is model else backbone
 
 
 def image_token_id(config) -> int | None:

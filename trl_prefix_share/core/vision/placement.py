@@ -55,7 +55,8 @@ def place_images(
     row-major order) the row of its feature among those images' features.
 
     Returns ``image_inputs`` (the image tensors of the needed examples, named as the processor named them),
-    ``feature_index`` and ``num_features`` (the feature rows those images must give: checked in the forward).
+    ``num_images`` (how many images those are), ``feature_index`` and ``num_features`` (the feature rows those images
+    must give: checked in the forward).
     """
     rows, length = stock_input_ids.shape
     half = rows // 2
@@ -72,8 +73,10 @@ def place_images(
     slot[needed] = torch.arange(needed.numel())
     needed_mask = image_mask[needed]
     rank = (needed_mask.reshape(-1).cumsum(0) - 1).view(needed_mask.shape)
+    examples = needed.tolist()
     return {
-        "image_inputs": select_examples(tensors, images_per_example, needed.tolist()),
+        "image_inputs": select_examples(tensors, images_per_example, examples),
+        "num_images": sum(images_per_example[b] for b in examples),
         "feature_index": rank[slot[example], source_column],
         "num_features": int(needed_mask.sum()),
     }

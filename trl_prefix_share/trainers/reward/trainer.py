@@ -24,6 +24,7 @@ from trl_prefix_share.core.options import packing_options
 from trl_prefix_share.core.packed_scores import enable_packed_scores, verify_packed_scores
 from trl_prefix_share.core.reward_collator import PrefixSharedRewardCollator
 from trl_prefix_share.core.token_metrics import log_batch_token_counts
+from trl_prefix_share.core.vision.image_inputs import has_image_column
 from trl_prefix_share.trainers.reward.ranked import (
     RANKED_COLUMNS,
     DataCollatorForRankedPreference,
@@ -37,15 +38,12 @@ if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
 
-IMAGE_COLUMNS = ("image", "images")
-
-
 def refuse_images(*datasets: Any) -> None:
     """TRL 1.16's ``RewardTrainer`` tokenizes the text alone: an image column would be dropped without a word."""
     for dataset in datasets:
         parts = dataset.values() if isinstance(dataset, dict) else [dataset]
         for part in parts:
-            if part is not None and any(column in IMAGE_COLUMNS for column in get_dataset_column_names(part)):
+            if part is not None and has_image_column(get_dataset_column_names(part)):
                 raise ValueError(
                     "The reward dataset has an image column, but TRL 1.16's `RewardTrainer` takes no images: stock "
                     "TRL would train on the text alone and drop the images silently. Train image preferences with "
