@@ -311,10 +311,10 @@ def test_switched_hybrid_generates_like_stock(saved, tokenizer):
 
 def run_kernel_in_float64(monkeypatch, module, name: str = "torch_chunk_gated_delta_rule") -> None:
     """Replace a transformers kernel by its own source with the float32 casts turned to float64 (test only)."""
-    import inspect
+    from trl_prefix_share.core.code_reading import function_source
 
-    kernel = getattr(module, name)
-    source = inspect.getsource(getattr(kernel, "__wrapped__", kernel))
+    source = function_source(getattr(module, name))  # through decorators and `kernels`' wrapper modules
+    assert source, f"cannot read {module.__name__}.{name}"
     source = "\n".join(line for line in source.splitlines() if not line.startswith("@"))
     namespace = dict(vars(module))
     exec(source.replace("torch.float32", "torch.float64"), namespace)  # noqa: S102 - transformers' own source

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
+from trl_prefix_share.core.code_reading import calls_passing_kwargs, forward_facts
 from trl_prefix_share.core.mixers.kinds import forward_source, mixer_verdict
 
 #: `layer_types` entries the packed path serves: attention (full or sliding) and layers that mix no positions.
@@ -126,16 +127,7 @@ def text_backbone(model: torch.nn.Module) -> torch.nn.Module:
 def _calls_with_keywords(parent: torch.nn.Module, attribute: str) -> bool:
     """Whether ``parent.forward`` calls ``self.<attribute>(...)`` passing its ``**kwargs`` on (how the packed layout
     reaches a mixer, also when gradient checkpointing recomputes the layer)."""
-    source = forward_source(type(parent))
-    start = source.find(f"self.{attribute}(")
-    if start < 0:
-        return False
-    depth = 0
-    for end in range(start + len(f"self.{attribute}"), len(source)):  # to the call's closing parenthesis
-        depth += {"(": 1, ")": -1}.get(source[end], 0)
-        if depth == 0:
-            break
-    return "**kwargs" in source[start : end + 1]
+    return calls_passing_kwargs(type(parent), attribute)
 
 
 def served_mixers(module: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], list[str]]:
@@ -193,8 +185,8 @@ def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
 
 
 def _passes(module: torch.nn.Module, keyword: str) -> bool:
-    """Whether the module's forward hands ``keyword=`` to its attention function (read from its source)."""
-    return f"{keyword}=" in forward_source(type(module))
+    """Whether the module's forward (or a helper it calls) hands ``keyword=`` to a call (read from its code)."""
+    return forward_facts(type(module)).passes(keyword)
 
 
 def _unpassed_softmax_terms(model, text_config, attention) -> list[str]:

@@ -20,6 +20,7 @@ from trl_prefix_share.core.attention import layout_for_batch, packed_forward_sco
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.mixers.kinds import compute_precision
+from trl_prefix_share.core.mixers.segmented import check_mixers_ran, install_segmented_mixers
 from trl_prefix_share.core.model_support import (
     UnsupportedModelError,
     clipped_windows,
@@ -58,6 +59,7 @@ def packed_scores(model: torch.nn.Module, packed: dict[str, Any], kernel: str, *
     """Scores ``[num_stock_rows, num_labels]`` of the packed batch, in stock row order."""
     backbone, score = score_head(model)
     layout = layout_for_batch(packed, kernel)
+    mixers = install_segmented_mixers(model)  # again: a re-kernelizing train() / eval() may have dropped them
     with packed_forward_scope():
         outputs = backbone(
             input_ids=packed["input_ids"],
@@ -71,6 +73,7 @@ def packed_scores(model: torch.nn.Module, packed: dict[str, Any], kernel: str, *
             f"{type(model).__name__} did not pass the packed layout to its attention layers, so the packed forward "
             "would be plain causal attention. This architecture cannot be served by prefix sharing."
         )
+    check_mixers_ran(model, layout, mixers)
     hidden = outputs.last_hidden_state
     picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, packed[SCORE_INDEX_KEY])
     return score(picked)

@@ -5,7 +5,8 @@ transformers' ``cache``, writes its convolution inputs through ``update_conv_sta
 its prefix's last inputs) and, if it has a recurrent state, starts its scan from ``get_recurrent_state`` and hands the
 final state to ``update_recurrent_state``. Anything else that carries a state (a Mamba1 scan, a mixer whose scan
 ignores a cached state, a recurrence without the cache interface) is refused with its reason, and the trainer falls
-back to the exact stock path. The check reads source code only, so it holds under every launcher.
+back to the exact stock path. The check reads source code only, so it holds under every launcher: the forward and
+the helpers it calls (`core.code_reading`), since transformers moves these calls into shared helpers between releases.
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
+from trl_prefix_share.core.code_reading import CodeFacts, forward_facts, function_source
+
 #: Kinds whose kernels compute in a fixed precision whatever the model's dtype: transformers' gated delta rule and
 #: Mamba2 scan (and the fla / mamba-ssm kernels they can dispatch to) run in float32, so a float64 model carries
 #: float32 rounding there, and another chunking of the same sequence (prefix, then branch) rounds differently.
 KIND_COMPUTE_DTYPE = {"gated_delta": torch.float32, "mamba2": torch.float32, "kimi_delta": torch.float32}
-#: Served kinds with a recurrent state, by the kernel their forward calls (a conv-only mixer is ``short_conv``).
+#: Served kinds with a recurrent state, by the kernel their forward calls (a conv-only mixer is ``short_conv``); a
+#: called name ending in one of these counts (``torch_chunk_gated_delta_rule`` is transformers' torch path of it).
 _KERNEL_CALLS = {
-    "mamba2": "mamba2_chunk_scan(",
-    "gated_delta": "chunk_gated_delta_rule(",
-    "kimi_delta": "chunk_kimi_delta_attention(",
+    "mamba2": "mamba2_chunk_scan",
+    "gated_delta": "chunk_gated_delta_rule",
+    "kimi_delta": "chunk_kimi_delta_attention",
 }
-_INITIAL_STATE_ARGUMENTS = ("initial_state=recurrent_state", "initial_states=recurrent_state")
+_INITIAL_STATE_KEYWORDS = ("initial_state", "initial_states")
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,9 @@ class MixerVerdict:
         return KIND_COMPUTE_DTYPE.get(self.kind)
 
 
-@functools.cache
 def forward_source(module_class: type) -> str:
-    """A layer class's forward source, read once per class (every layer of a model shares it); "" if unreadable."""
-    try:
-        return inspect.getsource(module_class.forward)
-    except (OSError, TypeError):
-        return ""
+    """A layer class's own forward source (decorators unwrapped); "" if unreadable."""
+    return function_source(getattr(module_class, "forward", None))
 
 
 @functools.cache
@@ -65,28 +65,41 @@ def _takes_cache(module_class: type) -> bool:
     return "cache" in parameters
 
 
+def _starts_from_cached_state(facts: CodeFacts) -> bool:
+    """Some call hands a state in as ``initial_state(s)=`` (not the constant None)."""
+    return any(key in _INITIAL_STATE_KEYWORDS and value != "None" for key, value in facts.keywords)
+
+
+def _kernel_kind(facts: CodeFacts) -> str | None:
+    for kind, kernel in _KERNEL_CALLS.items():
+        if any(count and name.endswith(kernel) for name, count in facts.calls.items()):
+            return kind
+    return None
+
+
 @functools.cache
 def _classify(module_class: type) -> MixerVerdict | None:
-    source = forward_source(module_class)
+    facts = forward_facts(module_class)
     name = module_class.__name__
-    reads_conv = "update_conv_state(" in source
-    reads_recurrent = "get_recurrent_state(" in source
+    reads_conv = facts.calls_any("update_conv_state")
+    reads_recurrent = facts.calls_any("get_recurrent_state")
+    writes_recurrent = facts.calls_any("update_recurrent_state")
     if not (reads_conv or reads_recurrent):
         return None  # not a mixer that keeps its state in transformers' cache
     if not _takes_cache(module_class):
         return MixerVerdict(name, reason=f"{name} keeps a state but its forward takes no `cache`")
     if not reads_recurrent:
-        if "update_recurrent_state(" in source:
+        if writes_recurrent:
             return MixerVerdict(name, reason=f"{name} writes a recurrent state it never reads back")
         return MixerVerdict(name, kind="short_conv")
-    if not any(argument in source for argument in _INITIAL_STATE_ARGUMENTS):
+    if not _starts_from_cached_state(facts):
         return MixerVerdict(name, reason=f"{name} does not start its multi-token scan from a cached state")
-    for kind, call in _KERNEL_CALLS.items():
-        if call in source:
-            if not reads_conv or "update_recurrent_state(" not in source:
-                return MixerVerdict(name, reason=f"{name} does not pass its states through the cache interface")
-            return MixerVerdict(name, kind=kind)
-    return MixerVerdict(name, reason=f"{name} runs a recurrence the packed path does not serve yet")
+    kind = _kernel_kind(facts)
+    if kind is None:
+        return MixerVerdict(name, reason=f"{name} runs a recurrence the packed path does not serve yet")
+    if not reads_conv or not writes_recurrent:
+        return MixerVerdict(name, reason=f"{name} does not pass its states through the cache interface")
+    return MixerVerdict(name, kind=kind)
 
 
 def mixer_verdict(module: torch.nn.Module) -> MixerVerdict | None:
@@ -115,6 +128,6 @@ def left_padding_keeps_zero_state(module: torch.nn.Module, verdict: MixerVerdict
     layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)]
     if all(getattr(layer, "bias", None) is None for layer in layers):
         return True
-    masks_after_conv = forward_source(type(module)).count("apply_mask_to_padding_states(") >= 2
+    masks_after_conv = forward_facts(type(module)).calls["apply_mask_to_padding_states"] >= 2
     linear_biases = [m.bias for m in module.modules() if isinstance(m, torch.nn.Linear)]
     return verdict.kind == "mamba2" and masks_after_conv and all(bias is None for bias in linear_biases)

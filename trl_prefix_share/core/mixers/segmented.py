@@ -10,7 +10,7 @@ every mixer layer and the reference forward share them.
 
 from __future__ import annotations
 
-import functools
+import types
 from typing import Any
 
 import torch
@@ -101,39 +101,69 @@ def run_segmented(mixer_forward, hidden_states: torch.Tensor, segments: MixerSeg
     return result.view(*hidden_states.shape[:-1], width)
 
 
-def _segmented_forward(module: torch.nn.Module, original):
-    @functools.wraps(original)
-    def forward(hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
-        layout = kwargs.pop(LAYOUT_KEYWORD, None)
-        if hidden_states is None:
-            hidden_states = kwargs.pop("hidden_states")
-        if layout is None:
-            if is_packed_forward_active():
-                raise RuntimeError(
-                    f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) was called without the "
-                    "packed layout, so its state would leak across documents and branches."
-                )
-            return original(hidden_states, *args, **kwargs)
-        if args or kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
-            raise RuntimeError(f"{type(module).__name__}: a packed forward takes no cache and no positional inputs.")
-        for name in ("cache", "cache_params", "attention_mask"):
-            kwargs.pop(name, None)  # the layout replaces the padding mask; MoE token weights are not a mask
-        layout.mixer_calls += 1
-        left_padded = left_padding_keeps_zero_state(module, mixer_verdict(module))
-        return run_segmented(original, hidden_states, segments_of(layout, hidden_states.device, left_padded), **kwargs)
+_ORIGINAL = "_prefix_share_unsegmented_forward"
 
-    setattr(forward, _MARK, True)
-    return forward
+
+def _segmented_forward(module: torch.nn.Module, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+    """The mixer's forward during a packed forward (its own forward otherwise). Bound to the module as a method, with
+    the replaced forward kept as a bound method on it too, so that `copy.deepcopy` (a reference model copied from a
+    switched policy, the probe's copy) rebinds both to the copy: a closure over the module would keep running the
+    original module's weights inside the copy."""
+    original = getattr(module, _ORIGINAL)
+    layout = kwargs.pop(LAYOUT_KEYWORD, None)
+    if hidden_states is None:
+        hidden_states = kwargs.pop("hidden_states")
+    if layout is None:
+        if is_packed_forward_active():
+            raise RuntimeError(
+                f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) was called without the "
+                "packed layout, so its state would leak across documents and branches."
+            )
+        return original(hidden_states, *args, **kwargs)
+    if args or kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
+        raise RuntimeError(f"{type(module).__name__}: a packed forward takes no cache and no positional inputs.")
+    for name in ("cache", "cache_params", "attention_mask"):
+        kwargs.pop(name, None)  # the layout replaces the padding mask; MoE token weights are not a mask
+    layout.mixer_calls += 1
+    left_padded = left_padding_keeps_zero_state(module, mixer_verdict(module))
+    return run_segmented(original, hidden_states, segments_of(layout, hidden_states.device, left_padded), **kwargs)
+
+
+setattr(_segmented_forward, _MARK, True)
 
 
 def install_segmented_mixers(model: torch.nn.Module) -> int:
-    """Wrap the forward of every served state-carrying mixer of ``model`` (idempotent); returns how many."""
+    """Wrap the forward of every served state-carrying mixer of ``model``; returns how many.
+
+    Idempotent and cheap (the verdicts are cached per class), so every packed forward calls it again: with the
+    ``kernels`` package (a dependency of transformers >= 5.25), ``PreTrainedModel.train()`` / ``eval()`` re-kernelize
+    the layers decorated for it, which drops a forward set on the instance; the next packed forward puts it back. A
+    mixer whose forward `kernelize` replaced by a Hub kernel is refused: such a kernel may keep its states itself,
+    outside the cache interface the segmented run hands states through."""
     count = 0
     for module in model.modules():
         verdict = mixer_verdict(module)
         if verdict is None or not verdict.served:
             continue
         if not getattr(module.forward, _MARK, False):
-            module.forward = _segmented_forward(module, module.forward)
+            if module.__dict__.get("_kernel_repo") is not None:
+                raise RuntimeError(
+                    f"{type(module).__name__} runs a Hub kernel installed by `kernelize` ({module._kernel_repo}); "
+                    "prefix sharing serves this mixer only with transformers' own forward. Load the model with "
+                    "`use_kernels=False`, or leave this layer out of the kernel mapping."
+                )
+            setattr(module, _ORIGINAL, module.forward)
+            module.forward = types.MethodType(_segmented_forward, module)
         count += 1
     return count
+
+
+def check_mixers_ran(model: torch.nn.Module, layout: PackedAttentionLayout, served: int) -> None:
+    """After a packed forward: every served mixer ran segmented. Fewer calls mean some mixer ran its plain forward
+    over the packed rows (its state leaking across documents and branches): refuse the result."""
+    if layout.mixer_calls < served:
+        raise RuntimeError(
+            f"{type(model).__name__}: only {layout.mixer_calls} of its {served} state-carrying mixers ran on the "
+            "packed layout; the others would carry their state across documents and branches. Something replaced "
+            "their forward after prefix sharing was installed."
+        )

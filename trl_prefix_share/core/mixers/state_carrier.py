@@ -56,7 +56,13 @@ class StateCarrier:
         return recurrent_states
 
     def is_recording_past(self, layer_idx: int) -> bool:
-        return False
+        """True: a one-token call must take the general path (``update_conv_state``), not the in-place decode
+        update of a cached convolution state (transformers >= 5.25 takes that path only when not recording)."""
+        return True
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """No intermediate states: only the final one of each call is handed on."""
+        return 0
 
     # -- what the segmented run reads back ---------------------------------------------------------------------------
 
