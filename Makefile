@@ -7,14 +7,23 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The locked set-up of `make demo` and `make test`: every package but torch at one exact version (pip's own format,
+# read by plain pip, which also finds the CPU torch wheel on this repo's machines). Refresh with `make lock`.
+LOCK   := requirements/lock.txt
+PIP    := pip==26.3
+# The tested range: the newest releases pyproject.toml allows (`make test-latest`) and its floors (`make test-lowest`).
+TORCH_LATEST ?= torch>=2.13,<2.15
+LOWEST := requirements/lowest.txt
 
-.PHONY: install demo test lint bench gpu-check clean
+.PHONY: install demo test lint bench gpu-check clean lock test-latest test-lowest model-table
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(PIP)"
 	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
-	$(BIN)/python -m pip install -q -e ".[test,plot]"
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +42,38 @@ TEST_WORKERS ?= 2
 test: lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
+# Rewrite the lock from the newest releases in range (a throw-away venv), then run `make test` on it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q "$(PIP)"
+	$(if $(TORCH),.venv-lock/bin/python -m pip install -q "$(TORCH)")
+	.venv-lock/bin/python -m pip install -q ".[test,plot]"
+	( echo "# Locked set-up of make demo / make test (all but torch, which the Makefile pins). Refresh: make lock"; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|trl-prefix-share)( |=|@)' ) > $(LOCK)
+	rm -rf .venv-lock
+
+# The suite on the newest releases in range, in its own venv (not the lock).
+test-latest:
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q "$(PIP)"
+	.venv-latest/bin/python -m pip install -q --upgrade "$(TORCH_LATEST)"
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test,plot]"
+	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|datasets|accelerate) '
+	OMP_NUM_THREADS=1 .venv-latest/bin/python -m pytest -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
+
+# The suite on the lowest releases pyproject.toml declares (requirements/lowest.txt), in its own venv.
+test-lowest:
+	test -x .venv-lowest/bin/python || $(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install -q "$(PIP)"
+	.venv-lowest/bin/python -m pip install -q -c $(LOWEST) torch
+	.venv-lowest/bin/python -m pip install -q -c $(LOWEST) -e ".[test,plot]"
+	.venv-lowest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|datasets|accelerate) '
+	OMP_NUM_THREADS=1 .venv-lowest/bin/python -m pytest -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
+
+# docs/model_support.md for the installed transformers (the lock's in .venv).
+model-table: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python docs/make_model_table.py
+
 bench: $(STAMP)
 	$(BIN)/trl-prefix-share bench
 
@@ -48,4 +89,4 @@ gpu-check: $(STAMP)
 		--rounds 1 --device cuda --json gpu-check/bench_dpo_gpu.json 2>&1 | tee gpu-check/bench.log
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock .pytest_cache .ruff_cache .hypothesis

@@ -12,12 +12,14 @@ they drift apart).
 
 from __future__ import annotations
 
+import re
 import types
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import read_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -272,6 +274,18 @@ SERVED = "served exactly"
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "model_support.md"
 
 
+def table_version(text: str) -> str:
+    """The transformers release the committed table was generated on (its header names it)."""
+    return re.search(r"family of transformers (\S+), tried", text).group(1)
+
+
+#: The table is exact only on the release it was generated on (the lock's). On another release in range (`make
+#: test-latest`, `make test-lowest`) every family is still checked exact-or-fallback, and a new model type or a
+#: changed verdict shows up as a warning naming the row, not as a failed suite.
+TABLE_RELEASE = table_version(TABLE.read_text(encoding="utf-8"))
+ON_TABLE_RELEASE = transformers.__version__ == TABLE_RELEASE
+
+
 @pytest.fixture(scope="module")
 def committed_table() -> dict[str, str]:
     return table_rows(TABLE.read_text(encoding="utf-8"))
@@ -290,7 +304,15 @@ def test_family_is_exact_or_falls_back(model_type, examples, committed_table):
 
 
 def assert_table_row(committed: dict[str, str], model_type: str, verdict: str) -> None:
-    regenerate = "regenerate docs/model_support.md with docs/make_model_table.py"
+    regenerate = "regenerate docs/model_support.md with `make model-table`"
+    if not ON_TABLE_RELEASE:
+        if committed.get(model_type) != table_cell(verdict):
+            warnings.warn(
+                f"transformers {transformers.__version__} (table: {TABLE_RELEASE}): | `{model_type}` | "
+                f"{table_cell(verdict)} | (table: {committed.get(model_type, 'no row')})",
+                stacklevel=2,
+            )
+        return
     assert model_type in committed, f"{model_type} is not in the table: {regenerate}"
     assert table_cell(verdict) == committed[model_type], f"the verdict of {model_type} changed: {regenerate}"
 
@@ -309,6 +331,7 @@ def table_rows(text: str) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.skipif(not ON_TABLE_RELEASE, reason=f"the table lists the model types of transformers {TABLE_RELEASE}")
 def test_support_table_lists_every_family(committed_table):
     """docs/model_support.md has one row per causal-LM model type of the installed transformers, no more."""
     assert sorted(committed_table) == MODEL_TYPES, "model types changed: regenerate docs/model_support.md"

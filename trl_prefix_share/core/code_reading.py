@@ -174,15 +174,20 @@ def forward_facts(module_class: type, depth: int = MAX_DEPTH) -> CodeFacts:
     return _facts_of([(forward, module_class)], depth)
 
 
-def calls_passing_kwargs(module_class: type, attribute: str) -> bool:
-    """Whether ``module_class.forward`` calls ``self.<attribute>(...)`` handing its ``**kwargs`` on."""
+def _calls_of(module_class: type, attribute: str) -> list[ast.Call]:
+    """The calls ``self.<attribute>(...)`` in ``module_class.forward`` (the forward itself, not its helpers)."""
     forward = plain_function(getattr(module_class, "forward", None))
     tree = _syntax_tree(forward) if forward is not None else None
     if tree is None:
-        return False
-    return any(
-        isinstance(node, ast.Call)
-        and _self_attribute(node) == attribute
-        and any(keyword.arg is None for keyword in node.keywords)
-        for node in ast.walk(tree)
-    )
+        return []
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and _self_attribute(node) == attribute]
+
+
+def calls_attribute(module_class: type, attribute: str) -> bool:
+    """Whether ``module_class.forward`` itself calls ``self.<attribute>(...)``."""
+    return bool(_calls_of(module_class, attribute))
+
+
+def calls_passing_kwargs(module_class: type, attribute: str) -> bool:
+    """Whether ``module_class.forward`` calls ``self.<attribute>(...)`` handing its ``**kwargs`` on."""
+    return any(any(keyword.arg is None for keyword in call.keywords) for call in _calls_of(module_class, attribute))

@@ -15,6 +15,7 @@ from accelerate.utils import is_peft_model
 from trl_prefix_share.core.model_structure import SUPPORT_HINT
 from trl_prefix_share.core.model_support import UnsupportedModelError, check_architecture, restore_attention
 from trl_prefix_share.core.options import PrefixShareArguments, prefix_share_arguments
+from trl_prefix_share.core.tested_versions import with_drift_note
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def install_or_fall_back(
 def fall_back(trainer: Any, reason: str) -> None:
     """Record the fallback and warn once, or raise when the user asked for an error."""
     name = type(trainer).__name__
+    reason = with_drift_note(reason)
     if trainer.prefix_share_args.on_unsupported_model == "error":
         raise UnsupportedModelError(
             f"{name} cannot share prefixes exactly for this model: {reason}. Use the stock TRL trainer, or leave "

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
-from trl_prefix_share.core.code_reading import calls_passing_kwargs, forward_facts
+from trl_prefix_share.core.code_reading import calls_attribute, calls_passing_kwargs, forward_facts
 from trl_prefix_share.core.mixers.kinds import forward_source, mixer_verdict
 
 #: `layer_types` entries the packed path serves: attention (full or sliding) and layers that mix no positions.
@@ -189,6 +189,25 @@ def _passes(module: torch.nn.Module, keyword: str) -> bool:
     return forward_facts(type(module)).passes(keyword)
 
 
+def _layers_dropping_the_layout(model: torch.nn.Module, attention) -> list[str]:
+    """The packed layout reaches an attention layer through its parent's ``**kwargs``. A parent whose forward calls
+    the layer without passing them on (Falcon's decoder layer in transformers 5.25) would run plain causal attention
+    over the packed rows; refused here, before any forward (the packed forward also refuses a layout no layer read)."""
+    modules = dict(model.named_modules())
+    dropped = set()
+    for name, _ in attention:
+        parent_name, _, attribute = name.rpartition(".")
+        parent_class = type(modules[parent_name])
+        if calls_attribute(parent_class, attribute) and not calls_passing_kwargs(parent_class, attribute):
+            dropped.add(f"{parent_class.__name__}.{attribute}")
+    if not dropped:
+        return []
+    return [
+        f"calls its attention without passing `**kwargs` on ({', '.join(sorted(dropped))}), so the packed layout "
+        "cannot reach it"
+    ]
+
+
 def _unpassed_softmax_terms(model, text_config, attention) -> list[str]:
     """Attention sinks and logit soft-capping are served (the kernels implement both) when every attention layer
     hands them to the attention function as `s_aux` / `softcap`, the keywords the kernels read. A layer that applies
@@ -234,6 +253,7 @@ def inspect_model(model: torch.nn.Module) -> ModelStructure:
         )
     attention = _attention_modules(model)
     reasons.extend(_unpassed_softmax_terms(model, text_config, attention))
+    reasons.extend(_layers_dropping_the_layout(model, attention))
     if any(getattr(module, "is_causal", True) is False for _, module in attention):
         reasons.append("has attention layers that are not causal (`is_causal=False`)")
     num_layers = max((module.layer_idx for _, module in attention), default=-1) + 1

@@ -15,11 +15,16 @@ from trl_prefix_share.core.mixers.segmented import install_segmented_mixers
 from trl_prefix_share.core.model_structure import ModelStructure, inspect_model, stamp_layer_windows
 from trl_prefix_share.core.packed_forward import install_packed_forward
 from trl_prefix_share.core.prompt_groups import GroupByPrompt
+from trl_prefix_share.core.tested_versions import with_drift_note
 from trl_prefix_share.core.vision.model_kinds import vision_support
 
 
 class UnsupportedModelError(ValueError):
-    """The model cannot be trained exactly with prefix sharing."""
+    """The model cannot be trained exactly with prefix sharing. On a transformers newer than the newest tested, the
+    message names both versions (`tested_versions.with_drift_note`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(with_drift_note(message))
 
 
 def check_architecture(model: torch.nn.Module) -> ModelStructure:
