@@ -30,8 +30,8 @@ What `PrefixShared*Trainer` does with each causal-LM family of transformers {ver
   `prefix_share/token_ratio` 1.0), or raises with `on_unsupported_model="error"`;
 - **not tried**: no small config of the family builds or runs its stock forward here (the reason is given).
 
-Regenerate with `make model-table` (`python docs/make_model_table.py` in the venv); on this release a test fails when this
-table and the tests disagree, on any other release in range the tests warn with the rows that differ.
+Regenerate with `make model-table` (`python docs/make_model_table.py` in the venv). On this release a test fails
+when this table and the tests disagree; on any other release in range the tests warn with the rows that differ.
 
 | model type | verdict |
 |---|---|

@@ -155,7 +155,7 @@ def test_keywords_passed_on_are_read_from_the_call():
     assert not calls_passing_kwargs(Dropping, "mixer")
 
 
-# -- segmented mixers stay installed and bound to their own module ------------------------------------------------------
+# -- segmented mixers stay installed and bound to their own module -----------------------------------------------------
 
 
 @pytest.fixture
