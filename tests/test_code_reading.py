@@ -200,11 +200,11 @@ def test_a_dropped_segmented_forward_is_put_back(switched_lfm2):
     """What `kernels`' re-kernelization on `train()` / `eval()` does to an instance forward (it pops it): the next
     packed forward installs the segmented forward again; a mixer that never ran on the layout is refused."""
     from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
-    from trl_prefix_share.core.mixers.segmented import check_mixers_ran, install_segmented_mixers
+    from trl_prefix_share.core.mixers.segmented import check_mixers_ran, restore_segmented_mixers
 
     (mixer,) = mixers_of(switched_lfm2)
     mixer.__dict__.pop("forward")
-    assert install_segmented_mixers(switched_lfm2) == 1
+    assert restore_segmented_mixers(switched_lfm2) == 1
     assert mixer.forward.__self__ is mixer and mixer.forward.__func__.__name__ == "_segmented_forward"
     layout = PackedAttentionLayout(
         {"document_ids": torch.zeros(1, 2), "branch_ids": torch.zeros(1, 2), "position_ids": torch.zeros(1, 2)}, "sdpa"
@@ -214,10 +214,10 @@ def test_a_dropped_segmented_forward_is_put_back(switched_lfm2):
 
 
 def test_a_mixer_replaced_by_a_hub_kernel_is_refused(switched_lfm2):
-    from trl_prefix_share.core.mixers.segmented import install_segmented_mixers
+    from trl_prefix_share.core.mixers.segmented import restore_segmented_mixers
 
     (mixer,) = mixers_of(switched_lfm2)
     mixer.__dict__.pop("forward")
     mixer.__dict__["_kernel_repo"] = "kernels-community/some-conv"
     with pytest.raises(RuntimeError, match="Hub kernel"):
-        install_segmented_mixers(switched_lfm2)
+        restore_segmented_mixers(switched_lfm2)

@@ -18,7 +18,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from trl_prefix_share.core.attention import layout_for_batch, packed_forward_scope
 from trl_prefix_share.core.collator import PACKED_KEY
-from trl_prefix_share.core.mixers.segmented import check_mixers_ran, install_segmented_mixers
+from trl_prefix_share.core.mixers.segmented import check_mixers_ran, restore_segmented_mixers
 from trl_prefix_share.core.vision.forward import vision_model_inputs
 from trl_prefix_share.core.vision.model_kinds import is_vision_language, vision_support
 from trl_prefix_share.core.vision.placement import VISION_KEY
@@ -78,7 +78,7 @@ def install_packed_forward(model: torch.nn.Module, kernel: str) -> None:
         for name in ("labels", "position_ids", "inputs_embeds", "shift_labels"):
             kwargs.pop(name, None)
         layout = layout_for_batch(packed, kernel)
-        mixers = install_segmented_mixers(model)  # again: a re-kernelizing train() / eval() may have dropped them
+        mixers = restore_segmented_mixers(model)  # a re-kernelizing train() / eval() may have dropped them
         extra: dict[str, Any] = {}
         if VISION_KEY in packed and (vision is None or not vision.served):
             reason = "it is not a vision-language model" if vision is None else vision.reason

@@ -20,7 +20,7 @@ from trl_prefix_share.core.attention import layout_for_batch, packed_forward_sco
 from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.mixers.kinds import compute_precision
-from trl_prefix_share.core.mixers.segmented import check_mixers_ran, install_segmented_mixers
+from trl_prefix_share.core.mixers.segmented import check_mixers_ran, restore_segmented_mixers
 from trl_prefix_share.core.model_support import (
     UnsupportedModelError,
     clipped_windows,
@@ -59,7 +59,7 @@ def packed_scores(model: torch.nn.Module, packed: dict[str, Any], kernel: str, *
     """Scores ``[num_stock_rows, num_labels]`` of the packed batch, in stock row order."""
     backbone, score = score_head(model)
     layout = layout_for_batch(packed, kernel)
-    mixers = install_segmented_mixers(model)  # again: a re-kernelizing train() / eval() may have dropped them
+    mixers = restore_segmented_mixers(model)  # a re-kernelizing train() / eval() may have dropped them
     with packed_forward_scope():
         outputs = backbone(
             input_ids=packed["input_ids"],

@@ -133,29 +133,46 @@ setattr(_segmented_forward, _MARK, True)
 
 
 def install_segmented_mixers(model: torch.nn.Module) -> int:
-    """Wrap the forward of every served state-carrying mixer of ``model``; returns how many.
-
-    Idempotent and cheap (the verdicts are cached per class), so every packed forward calls it again: with the
-    ``kernels`` package (a dependency of transformers >= 5.25), ``PreTrainedModel.train()`` / ``eval()`` re-kernelize
-    the layers decorated for it, which drops a forward set on the instance; the next packed forward puts it back. A
-    mixer whose forward `kernelize` replaced by a Hub kernel is refused: such a kernel may keep its states itself,
-    outside the cache interface the segmented run hands states through."""
+    """Wrap the forward of every served state-carrying mixer of ``model`` (idempotent); returns how many."""
     count = 0
     for module in model.modules():
         verdict = mixer_verdict(module)
         if verdict is None or not verdict.served:
             continue
         if not getattr(module.forward, _MARK, False):
-            if module.__dict__.get("_kernel_repo") is not None:
-                raise RuntimeError(
-                    f"{type(module).__name__} runs a Hub kernel installed by `kernelize` ({module._kernel_repo}); "
-                    "prefix sharing serves this mixer only with transformers' own forward. Load the model with "
-                    "`use_kernels=False`, or leave this layer out of the kernel mapping."
-                )
+            _refuse_hub_kernel(module)
             setattr(module, _ORIGINAL, module.forward)
             module.forward = types.MethodType(_segmented_forward, module)
         count += 1
     return count
+
+
+def restore_segmented_mixers(model: torch.nn.Module) -> int:
+    """Put back the segmented forward of every mixer `install_segmented_mixers` wrapped; returns how many there are.
+
+    Every packed forward calls it (cheap: a walk over the modules): with the ``kernels`` package (a dependency of
+    transformers >= 5.25, enabled by ``from_pretrained`` by default), ``PreTrainedModel.train()`` / ``eval()``
+    re-kernelize the layers decorated for it, which pops a forward set on the instance. A mixer whose forward
+    `kernelize` replaced by a Hub kernel is refused: such a kernel may keep its states itself, outside the cache
+    interface the segmented run hands states through."""
+    count = 0
+    for module in model.modules():
+        if _ORIGINAL not in module.__dict__:
+            continue
+        if not getattr(module.forward, _MARK, False):
+            _refuse_hub_kernel(module)
+            module.forward = types.MethodType(_segmented_forward, module)
+        count += 1
+    return count
+
+
+def _refuse_hub_kernel(module: torch.nn.Module) -> None:
+    if module.__dict__.get("_kernel_repo") is not None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs a Hub kernel installed by `kernelize` ({module._kernel_repo}); prefix "
+            "sharing serves this mixer only with transformers' own forward. Load the model with `use_kernels=False`, "
+            "or leave this layer out of the kernel mapping."
+        )
 
 
 def check_mixers_ran(model: torch.nn.Module, layout: PackedAttentionLayout, served: int) -> None:
