@@ -160,21 +160,13 @@ def test_keywords_passed_on_are_read_from_the_call():
 
 @pytest.fixture
 def switched_lfm2(tokenizer):
+    from test_hybrid_mixers import FAMILIES, SMALL
     from transformers import AutoConfig, AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
     from trl_prefix_share.core.model_support import enable_prefix_sharing
 
-    config = AutoConfig.for_model(
-        "lfm2",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        layer_types=["conv", "full_attention"],
-    )
+    config = AutoConfig.for_model("lfm2", vocab_size=len(tokenizer), **SMALL, **FAMILIES["lfm2"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
     add_fused_lm_head(model)
     enable_prefix_sharing(model, "sdpa")
