@@ -26,7 +26,7 @@ LAYERS = ("commands", "trainers", "core")
 #: One step, in order: (what happens, the object that does it).
 DATA_PATH = (
     ("TRL's collator pads [chosen; rejected]", "trl.trainer.dpo_trainer:DataCollatorForPreference"),
-    ("our collator adds the packed layout", "trl_prefix_share.core.collator:PrefixSharedPreferenceCollator"),
+    ("our collator adds the packed layout", "trl_prefix_share.core.preference.collator:PrefixSharedPreferenceCollator"),
     ("prompt once, one branch per response", "trl_prefix_share.core.layout:pack_documents"),
     ("TRL's _compute_loss calls model(...)", "trl.trainer.dpo_trainer:DPOTrainer._compute_loss"),
     ("packed forward on the packed rows", "trl_prefix_share.core.packed_forward:install_packed_forward"),
@@ -53,8 +53,9 @@ def package_modules() -> dict[str, Path]:
     return modules
 
 
-def imported_modules(path: Path, module: str) -> set[str]:
-    """The package modules `path` imports (absolute or relative, at any depth of the file)."""
+def imported_modules(path: Path, module: str, known: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """The package modules `path` imports (absolute or relative, at any depth of the file). With ``known`` (module
+    names), `from package import submodule` counts as importing the submodule too."""
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -65,6 +66,7 @@ def imported_modules(path: Path, module: str) -> set[str]:
             else:
                 name = node.module or ""
             found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names if f"{name}.{alias.name}" in known)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return {name for name in found if name.split(".")[0] == "trl_prefix_share"}
@@ -88,6 +90,54 @@ def upward_imports() -> list[tuple[str, str]]:
         for source, target in layer_imports()
         if layer_of(source) in rank and layer_of(target) in rank and rank[layer_of(target)] < rank[layer_of(source)]
     ]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module's imports of other package modules (at any depth of the file: a deferred import is still one)."""
+    modules = package_modules()
+    return {
+        module: {
+            target for target in imported_modules(path, module, set(modules)) if target in modules and target != module
+        }
+        for module, path in modules.items()
+    }
+
+
+def import_cycles() -> list[list[str]]:
+    """Groups of modules that import each other, directly or round a loop (strongly connected components of the
+    import graph with more than one module), inside a layer or across layers; each sorted, the list sorted."""
+    graph = import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm; the package is small enough for recursion
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(cycles)
 
 
 def resolve(dotted: str) -> object:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from trl_prefix_share.core.attention.sdpa_packed import bucket_mask
-from trl_prefix_share.core.collator import pair_documents, sequences_from_padded_batch
 from trl_prefix_share.core.layout import IGNORE_INDEX, PAD_DOCUMENT, DocumentSpec, pack_documents
+from trl_prefix_share.core.preference.collator import pair_documents, sequences_from_padded_batch
 
 DOCS = Path(__file__).resolve().parent
 DEFAULT_OUT = DOCS / "packed_layout.png"

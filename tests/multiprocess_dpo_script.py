@@ -132,7 +132,7 @@ def union_of_ranks_trainer(max_batch_tokens: int, ranks: int):
 
 def record_local_token_counts(trainer) -> list[list[int]]:
     """This process's own [packed, stock] token counts per step, to check that the logged ones are summed."""
-    from trl_prefix_share.core.collator import PACKED_KEY
+    from trl_prefix_share.core.packing import PACKED_KEY
 
     seen: list[list[int]] = []
     log_counts = trainer._log_token_counts

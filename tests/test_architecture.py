@@ -1,5 +1,5 @@
-"""The package's layers: core imports neither trainers nor commands, trainers never import commands; public imports
-stay what they were."""
+"""The package's layers: core imports neither trainers nor commands, trainers never import commands, no two modules
+import each other (in one layer or across); public imports stay what they were."""
 
 from __future__ import annotations
 
@@ -67,6 +67,33 @@ def test_upward_imports_are_detected(tmp_path, monkeypatch):
     (package / "core" / "y.py").write_text("def f():\n    from ..trainers import x\n")
     monkeypatch.setattr(tool, "PACKAGE_DIR", package)
     assert tool.upward_imports() == [("trl_prefix_share.core.y", "trl_prefix_share.trainers")]
+
+
+def test_no_import_cycles():
+    tool = architecture()
+    assert any(len(targets) > 1 for targets in tool.import_graph().values())  # the check sees imports
+    assert tool.import_cycles() == []
+
+
+def test_import_cycles_are_detected_inside_a_layer(tmp_path, monkeypatch):
+    """A deferred import back (inside a function) is a cycle too: it was how `commands/cli` and `commands/online`
+    depended on each other."""
+    tool = architecture()
+    package = tmp_path / "trl_prefix_share"
+    (package / "commands").mkdir(parents=True)
+    (package / "core").mkdir()
+    for init in (package, package / "commands", package / "core"):
+        (init / "__init__.py").write_text("")
+    (package / "commands" / "cli.py").write_text("from trl_prefix_share.commands import online\n")
+    (package / "commands" / "online.py").write_text("def run():\n    from .steps import parse\n")
+    (package / "commands" / "steps.py").write_text("from trl_prefix_share.commands.cli import main\n")
+    (package / "core" / "a.py").write_text("from . import b\n")
+    (package / "core" / "b.py").write_text("x = 1\n")
+    monkeypatch.setattr(tool, "PACKAGE_DIR", package)
+    assert tool.upward_imports() == []  # all inside one layer: only the cycle check can see it
+    assert tool.import_cycles() == [
+        ["trl_prefix_share.commands.cli", "trl_prefix_share.commands.online", "trl_prefix_share.commands.steps"]
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC_NAMES))

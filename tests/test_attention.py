@@ -23,8 +23,9 @@ import trl_prefix_share.core.attention as attention
 import trl_prefix_share.core.attention.packed_layout as packed_layout
 import trl_prefix_share.core.attention.sdpa_packed as sdpa_packed
 from trl_prefix_share.core.attention import layout_for_batch
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
 from trl_prefix_share.core.model_support import UnsupportedModelError, enable_prefix_sharing
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
 
 MAX_LENGTH = 128
 FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")

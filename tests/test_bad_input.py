@@ -13,7 +13,8 @@ from test_dpo_equivalence import BATCH, dpo_args, make_pair
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer, UnsupportedModelError
-from trl_prefix_share.core.collator import PackingOptions, PrefixSharedPreferenceCollator
+from trl_prefix_share.core.packing import PackingOptions
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
 from trl_prefix_share.trainers.dpo.validation import validate_preference_dataset
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import TOKENIZER_DIR
 
-from trl_prefix_share.commands.cli import cpu_overrides, main
+from trl_prefix_share.commands.cli import main
+from trl_prefix_share.commands.recipes import cpu_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,17 +100,19 @@ def test_every_recipe_parses_with_its_command(recipe):
     """Each recipe's fields exist in its command's dataclasses (a typo would fail the user's run at start)."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-    from trl_prefix_share.commands.cli import TRAINER_COMMANDS, StepwiseArguments, _import
     from trl_prefix_share.commands.online import ONLINE_COMMANDS, script_arguments
+    from trl_prefix_share.commands.recipes import public_class as _import
+    from trl_prefix_share.commands.stepwise import StepwiseArguments
+    from trl_prefix_share.commands.training import TRAINER_COMMANDS
 
     name = recipe.split("_")[0]
     if name in ONLINE_COMMANDS:
         _, config, _ = ONLINE_COMMANDS[name]
         types = [script_arguments(name), _import(config), ModelConfig, DatasetMixtureConfig]
     else:
-        command = TRAINER_COMMANDS["cpo" if name == "simpo" else "dpo" if name == "sdpo" else name]
+        command = TRAINER_COMMANDS["cpo" if name == "simpo" else "dpo" if name == "stepwise" else name]
         types = [ScriptArguments, _import(command.config), ModelConfig, DatasetMixtureConfig]
-    if name == "sdpo":
+    if name == "stepwise":
         types.append(StepwiseArguments)
     parsed = TrlParser(types).parse_args_and_config(
         args=["--config", str(REPO / "recipes" / recipe), "--use_cpu", "true", "--bf16", "false"],
@@ -120,13 +123,13 @@ def test_every_recipe_parses_with_its_command(recipe):
         assert parsed[1].loss_type == "simpo"
 
 
-def test_sdpo_recipe_runs(tiny_model, tmp_path, monkeypatch):
+def test_stepwise_recipe_runs(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     main(
         [
-            "sdpo",
+            "stepwise",
             "--config",
-            "recipes/sdpo_tiny_cpu.yaml",
+            "recipes/stepwise_tiny_cpu.yaml",
             "--model_name_or_path",
             tiny_model,
             "--output_dir",
@@ -135,6 +138,33 @@ def test_sdpo_recipe_runs(tiny_model, tmp_path, monkeypatch):
     )
     assert json.loads((tmp_path / "sdpo_state.json").read_text())["completed"] == [1, 2]
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_deprecated_sdpo_command_runs_a_0_1_recipe(tiny_model, tmp_path, monkeypatch):
+    """`sdpo` (release 0.1's name of `stepwise`) still takes a recipe with `sdpo_*` options, and says it is going."""
+    monkeypatch.chdir(REPO)
+    recipe = (
+        (REPO / "recipes" / "stepwise_tiny_cpu.yaml")
+        .read_text()
+        .replace("stepwise_num_chunks: 2", "sdpo_num_chunks: 1")
+    )
+    assert "sdpo_num_chunks: 1" in recipe
+    (tmp_path / "old.yaml").write_text(recipe)
+    with pytest.warns(FutureWarning, match="trl-prefix-share stepwise"):
+        main(
+            [
+                "sdpo",
+                "--config",
+                str(tmp_path / "old.yaml"),
+                "--model_name_or_path",
+                tiny_model,
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+    assert json.loads((tmp_path / "sdpo_state.json").read_text())["completed"] == [1]
+    with pytest.raises(ValueError, match="sdpo_num_chunks"):  # the new command does not take the old option names
+        main(["stepwise", "--config", str(tmp_path / "old.yaml"), "--model_name_or_path", tiny_model])
 
 
 def test_unknown_command_prints_usage(capsys):

@@ -24,7 +24,7 @@ from equivalence import (
 from trl import DPOConfig, DPOTrainer
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
-from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.core.packing import PACKED_KEY
 
 ALL_LOSS_TYPES = [
     "sigmoid",

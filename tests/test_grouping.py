@@ -23,8 +23,9 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share import PrefixSharedDPOConfig
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
 from trl_prefix_share.core.layout import SequenceSpec, pack_documents
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
 from trl_prefix_share.trainers.dpo.grouped import GroupedPrefixSharedDPOTrainer
 from trl_prefix_share.trainers.dpo.grouping import GroupByPrompt, PromptGroupedSampler, prompt_grouped_sampler
 

@@ -19,11 +19,11 @@ from equivalence import EQUIVALENCE_DTYPE, assert_equivalent, first_batch, pertu
 from test_model_registry import FAMILY_FIELDS
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from trl_prefix_share.core.collator import PACKED_KEY
 from trl_prefix_share.core.mixers import segmented
 from trl_prefix_share.core.mixers.kinds import left_padding_keeps_zero_state, mixer_verdict
 from trl_prefix_share.core.mixers.segments import build_segments
 from trl_prefix_share.core.model_structure import inspect_model
+from trl_prefix_share.core.packing import PACKED_KEY
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 GATED_DELTA = dict(

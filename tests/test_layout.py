@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention.sdpa_packed import bucket_mask
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
 from trl_prefix_share.core.layout import (
     IGNORE_INDEX,
     SequenceSpec,
@@ -27,6 +26,8 @@ from trl_prefix_share.core.layout import (
     pack_documents,
     shareable_length,
 )
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
 
 PAD_ID = 99  # never drawn as a real token below, so a padding token posing as a real one cannot go unnoticed
 

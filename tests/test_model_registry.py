@@ -26,7 +26,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
 from trl_prefix_share.core.installer import PrefixShareFallbackWarning, install_or_fall_back
 from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.model_structure import inspect_model
@@ -37,6 +36,8 @@ from trl_prefix_share.core.model_support import (
     verify_packed_forward,
 )
 from trl_prefix_share.core.options import PrefixShareArguments
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
 from trl_prefix_share.trainers.dpo.grouping import GroupByPrompt
 
 VOCAB = 256

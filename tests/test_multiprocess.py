@@ -138,7 +138,8 @@ def test_launcher_flags_are_not_training_options():
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
     import trl_prefix_share
-    from trl_prefix_share.commands.cli import TRAINER_COMMANDS, StepwiseArguments
+    from trl_prefix_share.commands.stepwise import StepwiseArguments
+    from trl_prefix_share.commands.training import TRAINER_COMMANDS
 
     configs = [getattr(trl_prefix_share, command.config) for command in TRAINER_COMMANDS.values()]
     for config in configs:

@@ -14,9 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from trl_prefix_share import PrefixShareFallbackWarning
-from trl_prefix_share.core.collator import PackingOptions
-from trl_prefix_share.core.completion_rows import UnshareableRows, chunk_by_prompt, pack_completion_rows, read_rows
-from trl_prefix_share.core.online_support import absolute_position_tables
+from trl_prefix_share.core.online.rows import UnshareableRows, chunk_by_prompt, pack_completion_rows, read_rows
+from trl_prefix_share.core.online.support import absolute_position_tables
+from trl_prefix_share.core.packing import PackingOptions
 from trl_prefix_share.trainers.online.config import PrefixSharedGRPOConfig
 from trl_prefix_share.trainers.online.grpo import PrefixSharedGRPOTrainer
 from trl_prefix_share.trainers.online.rloo import PrefixSharedRLOOTrainer

@@ -22,10 +22,10 @@ from equivalence import RELATIVE_TOLERANCE, cpu_args, perturb, relative_differen
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.core.packing import PACKED_KEY
 from trl_prefix_share.trainers.paired.cpo import PrefixSharedCPOConfig, PrefixSharedCPOTrainer
-from trl_prefix_share.trainers.paired.forward import document_tokens, validate_paired_dataset
 from trl_prefix_share.trainers.paired.orpo import PrefixSharedORPOConfig, PrefixSharedORPOTrainer
+from trl_prefix_share.trainers.paired.validation import document_tokens, validate_paired_dataset
 
 BATCH = 2
 # The one documented difference: stock's mean runs over padded positions we never compute.

@@ -19,10 +19,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.model_support import UnsupportedModelError
-from trl_prefix_share.core.packed_scores import score_head
-from trl_prefix_share.core.reward_collator import SCORE_INDEX_KEY, PrefixSharedRewardCollator, read_out_positions
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.reward.collator import SCORE_INDEX_KEY, PrefixSharedRewardCollator, read_out_positions
+from trl_prefix_share.core.reward.scores import score_head
 from trl_prefix_share.trainers.reward.config import PrefixSharedRewardConfig
 from trl_prefix_share.trainers.reward.ranked import binarize_ranked, ranked_from_pairs, ranked_pairs
 from trl_prefix_share.trainers.reward.trainer import PrefixSharedRewardTrainer

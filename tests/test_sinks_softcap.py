@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
 from trl_prefix_share.core.attention.sdpa_packed import packed_explicit_attention
-from trl_prefix_share.core.collator import PACKED_KEY
 from trl_prefix_share.core.layout import SequenceSpec, make_document, move_to_device, pack_documents
+from trl_prefix_share.core.packing import PACKED_KEY
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 FAMILIES = {

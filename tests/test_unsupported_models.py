@@ -20,12 +20,12 @@ from trl import DPOTrainer, RewardTrainer
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer, UnsupportedModelError
 from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
-from trl_prefix_share.core.collator import PACKED_KEY
 from trl_prefix_share.core.installer import PrefixShareFallbackWarning, install_or_fall_back
 from trl_prefix_share.core.model_structure import inspect_model
 from trl_prefix_share.core.model_support import enable_prefix_sharing, verify_packed_forward
 from trl_prefix_share.core.options import PrefixShareArguments
 from trl_prefix_share.core.packed_forward import install_packed_forward
+from trl_prefix_share.core.packing import PACKED_KEY
 from trl_prefix_share.trainers.dpo.validation import validate_preference_dataset
 from trl_prefix_share.trainers.reward.config import PrefixSharedRewardConfig
 from trl_prefix_share.trainers.reward.trainer import PrefixSharedRewardTrainer

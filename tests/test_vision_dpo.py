@@ -21,8 +21,8 @@ from vision_setup import build_vision_model
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
 from trl_prefix_share.commands.bench.vision import ImageCounter
 from trl_prefix_share.commands.image_preferences import image_preference_dataset
-from trl_prefix_share.core.collator import PACKED_KEY
 from trl_prefix_share.core.installer import PrefixShareFallbackWarning
+from trl_prefix_share.core.packing import PACKED_KEY
 from trl_prefix_share.core.vision.model_kinds import vision_support
 from trl_prefix_share.core.vision.placement import VISION_KEY
 

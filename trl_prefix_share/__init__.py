@@ -8,17 +8,17 @@ from trl_prefix_share.core.trl_compat import check_hooks
 check_hooks()  # before anything imports a TRL internal: one clear error on an unsupported TRL / transformers
 
 from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
-from trl_prefix_share.core.collator import PrefixSharedPreferenceCollator
 from trl_prefix_share.core.installer import PrefixShareFallbackWarning
 from trl_prefix_share.core.model_support import UnsupportedModelError
 from trl_prefix_share.core.options import PrefixShareArguments
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
 from trl_prefix_share.trainers.dpo.config import PrefixSharedDPOConfig
 from trl_prefix_share.trainers.dpo.grouped import GroupedPrefixSharedDPOTrainer
 from trl_prefix_share.trainers.dpo.grouping import GroupByPrompt, PromptGroupedSampler
 from trl_prefix_share.trainers.dpo.trainer import PrefixSharedDPOTrainer
 from trl_prefix_share.trainers.reward.config import PrefixSharedRewardConfig
 from trl_prefix_share.trainers.reward.trainer import PrefixSharedRewardTrainer
-from trl_prefix_share.trainers.sdpo import StepwiseDPO, StepwiseDPOConfig
+from trl_prefix_share.trainers.stepwise import StepwiseDPO, StepwiseDPOConfig
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from trl_prefix_share.commands.recipes import (
+    load_recipe_data,
+    parse_recipe,
+    public_class,
+    set_model_init_kwargs,
+    train_and_eval_splits,
+    train_save_and_report,
+)
+
 #: TRL's shipped reward functions, by the names TRL's scripts accept (built on first use: some need extra packages).
 TRL_REWARDS: dict[str, Callable[[], Any]] = {
     "accuracy_reward": lambda: importlib.import_module("trl.rewards").accuracy_reward,
@@ -70,22 +79,13 @@ def run_online_trainer(name: str, argv: list[str]) -> None:
     """`grpo` / `rloo`: parse the recipe, load the prompts, train, save, and print the tokens saved."""
     from trl import DatasetMixtureConfig, ModelConfig, get_peft_config, get_quantization_config
 
-    from trl_prefix_share.commands.cli import (
-        _import,
-        _load_data,
-        _model_kwargs,
-        _parse,
-        _splits,
-        train_save_and_report,
-    )
-
     trainer_name, config_name, _ = ONLINE_COMMANDS[name]
-    script_args, training_args, model_args, dataset_args = _parse(
-        (script_arguments(name), _import(config_name), ModelConfig, DatasetMixtureConfig), argv
+    script_args, training_args, model_args, dataset_args = parse_recipe(
+        (script_arguments(name), public_class(config_name), ModelConfig, DatasetMixtureConfig), argv
     )
-    _model_kwargs(training_args, model_args)
-    train, evaluate = _splits(_load_data(script_args, dataset_args), script_args, training_args)
-    trainer = _import(trainer_name)(
+    set_model_init_kwargs(training_args, model_args)
+    train, evaluate = train_and_eval_splits(load_recipe_data(script_args, dataset_args), script_args, training_args)
+    trainer = public_class(trainer_name)(
         model=model_args.model_name_or_path,
         reward_funcs=reward_functions(script_args),
         args=training_args,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
+from trl_prefix_share.core.attention.windows import WINDOW_ATTRIBUTE, positive_window
 from trl_prefix_share.core.code_reading import calls_attribute, calls_passing_kwargs, forward_facts
 from trl_prefix_share.core.mixers.kinds import forward_source, mixer_verdict
 
@@ -76,14 +77,9 @@ class ModelStructure:
         return f"{self.model_name} " + "; ".join(self.reasons)
 
 
-def _positive(value) -> int | None:
-    """A window size, or None for 'no window' (transformers writes 0 or None for that)."""
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
 def layer_windows(text_config, num_layers: int) -> tuple[dict[int, int | None], list[str]]:
     """Each layer's sliding window as transformers' masks apply it, and the reasons it cannot be determined."""
-    window = _positive(getattr(text_config, "sliding_window", None))
+    window = positive_window(getattr(text_config, "sliding_window", None))
     layer_types = getattr(text_config, "layer_types", None)
     problems: list[str] = []
     if layer_types:
@@ -264,7 +260,7 @@ def inspect_model(model: torch.nn.Module) -> ModelStructure:
     for name, module in attention:
         expected = windows.get(module.layer_idx)
         own = getattr(module, "sliding_window", _UNSET)
-        if own is not _UNSET and not callable(own) and _positive(own) != expected:
+        if own is not _UNSET and not callable(own) and positive_window(own) != expected:
             reasons.append(
                 f"has a sliding window on layer {name} ({own}) that differs from its config's ({expected}), so the "
                 "window its masks use cannot be determined"
@@ -276,17 +272,4 @@ def inspect_model(model: torch.nn.Module) -> ModelStructure:
 def stamp_layer_windows(model: torch.nn.Module, windows: dict[int, int | None]) -> None:
     """Record each attention module's window on it (``prefix_share_window``), read by the packed kernels."""
     for _, module in _attention_modules(model):
-        module.prefix_share_window = windows.get(module.layer_idx)
-
-
-def layer_window(module: torch.nn.Module, keyword: int | None) -> int | None:
-    """The window of the layer calling attention: the stamped one; a keyword that disagrees is refused."""
-    stamped = getattr(module, "prefix_share_window", _UNSET)
-    if stamped is _UNSET:  # a module we did not stamp (no layer index): the keyword or its own attribute
-        return _positive(keyword) or _positive(getattr(module, "sliding_window", None))
-    if keyword is not None and _positive(keyword) != stamped:
-        raise NotImplementedError(
-            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes sliding_window={keyword} "
-            f"to its attention, but its config gives {stamped}: its window cannot be determined."
-        )
-    return stamped
+        setattr(module, WINDOW_ATTRIBUTE, windows.get(module.layer_idx))

@@ -8,13 +8,14 @@ import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention import ATTENTION_NAME, register_attention
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, PrefixSharedPreferenceCollator
 from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.mixers.segmented import install_segmented_mixers
 from trl_prefix_share.core.model_structure import ModelStructure, inspect_model, stamp_layer_windows
 from trl_prefix_share.core.packed_forward import install_packed_forward
-from trl_prefix_share.core.prompt_groups import GroupByPrompt
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
+from trl_prefix_share.core.preference.prompt_groups import GroupByPrompt
 from trl_prefix_share.core.tested_versions import with_drift_note
 from trl_prefix_share.core.vision.model_kinds import vision_support
 
@@ -100,7 +101,7 @@ def _probe_batch(vocab_size: int, kernel: str) -> dict:
     collator = PrefixSharedPreferenceCollator(
         DataCollatorForPreference(pad_token_id=0),
         pad_token_id=0,
-        options=PackingOptions(sdpa_buckets=kernel == "sdpa"),
+        options=PackingOptions(kernel=kernel),
         group_documents=GroupByPrompt(),
     )
     return collator(_probe_examples(vocab_size))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from trl_prefix_share.core.attention import resolve_kernel
-from trl_prefix_share.core.collator import PackingOptions
+from trl_prefix_share.core.packing import PackingOptions
 
 
 @dataclass
@@ -111,17 +111,17 @@ def prefix_share_arguments(args: Any) -> PrefixShareArguments:
     return options
 
 
-def packing_options(options: PrefixShareArguments, device: torch.device) -> tuple[PackingOptions, str]:
-    """Resolve the device-dependent defaults: the attention kernel and the row padding multiple."""
+def packing_options(options: PrefixShareArguments, device: torch.device) -> PackingOptions:
+    """The packing choice of a trainer on ``device``: the attention kernel ``auto`` resolves to (and, with it, whether
+    the collator builds the SDPA decomposition's index tensors) and the row padding multiple."""
     kernel = resolve_kernel(options.prefix_share_attention, device)
     multiple = options.pad_rows_to_multiple_of
     if multiple is None and device.type == "cuda":
         multiple = 128
-    packing = PackingOptions(
+    return PackingOptions(
         share_prefix=options.share_prefix,
         max_row_tokens=options.max_row_tokens,
         pad_to_multiple_of=multiple,
-        sdpa_buckets=kernel == "sdpa",
         pack_documents=options.pack_documents,
+        kernel=kernel,
     )
-    return packing, kernel

@@ -17,8 +17,8 @@ import trl.trainer.utils as trl_utils
 from trl.trainer.utils import FusedCausalLMOutput
 
 from trl_prefix_share.core.attention import layout_for_batch, packed_forward_scope
-from trl_prefix_share.core.collator import PACKED_KEY
 from trl_prefix_share.core.mixers.segmented import check_mixers_ran, restore_segmented_mixers
+from trl_prefix_share.core.packing import PACKED_KEY
 from trl_prefix_share.core.vision.forward import vision_model_inputs
 from trl_prefix_share.core.vision.model_kinds import is_vision_language, vision_support
 from trl_prefix_share.core.vision.placement import VISION_KEY

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.core.packing import PACKED_KEY
 
 
 def log_token_counts(trainer: Any, packed_tokens: int, stock_tokens: int) -> None:

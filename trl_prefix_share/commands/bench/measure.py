@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from trl_prefix_share.core.collator import PACKED_KEY
+from trl_prefix_share.core.packing import PACKED_KEY
 
 _STATUS = Path("/proc/self/status")
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from trl_prefix_share.commands.estimate.counting import sampler_order
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.vision.collator import PrefixSharedVisionPreferenceCollator, images_per_example
 from trl_prefix_share.core.vision.image_inputs import has_image_column
 from trl_prefix_share.core.vision.placement import VISION_KEY

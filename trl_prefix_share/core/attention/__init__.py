@@ -20,7 +20,7 @@ from trl_prefix_share.core.attention.dense_explicit import dense_explicit_attent
 from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout, layout_for_batch
 from trl_prefix_share.core.attention.sdpa_packed import packed_explicit_attention, packed_sdpa_attention
-from trl_prefix_share.core.model_structure import layer_window
+from trl_prefix_share.core.attention.windows import layer_window
 
 ATTENTION_NAME = "prefix_share"
 KERNELS = ("auto", "sdpa", "flex", "flex_eager")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trl_prefix_share.core.collator import PACKED_KEY, PrefixSharedPreferenceCollator, pair_documents
+from trl_prefix_share.core.packing import PACKED_KEY
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator, pair_documents
 from trl_prefix_share.core.vision.image_inputs import example_fingerprints, image_tensors
 from trl_prefix_share.core.vision.placement import VISION_KEY, place_images
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from trl_prefix_share.core.prompt_groups import GroupByPrompt, prompt_key
+from trl_prefix_share.core.preference.prompt_groups import GroupByPrompt, prompt_key
 
 __all__ = ["GroupByPrompt", "PromptGroupedSampler", "prompt_grouped_sampler", "prompt_key", "vision_prompt_keys"]
 

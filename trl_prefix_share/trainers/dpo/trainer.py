@@ -25,15 +25,12 @@ from transformers import (
 )
 from trl import DPOConfig, DPOTrainer
 
-from trl_prefix_share.core.collator import PrefixSharedPreferenceCollator, pair_documents
-from trl_prefix_share.core.installer import install_or_fall_back, model_to_patch, start_prefix_share
 from trl_prefix_share.core.model_support import (
     enable_prefix_sharing,
     enable_vision_prefix_sharing,
     verify_packed_forward,
 )
-from trl_prefix_share.core.options import packing_options
-from trl_prefix_share.core.token_metrics import log_batch_token_counts
+from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator, pair_documents
 from trl_prefix_share.core.vision.collator import PrefixSharedVisionPreferenceCollator
 from trl_prefix_share.core.vision.model_kinds import vision_support
 from trl_prefix_share.trainers.dpo.grouping import (
@@ -45,6 +42,7 @@ from trl_prefix_share.trainers.dpo.grouping import (
 from trl_prefix_share.trainers.dpo.length_grouping import LengthGroupedBatchSampler, preference_lengths
 from trl_prefix_share.trainers.dpo.token_budget import TokenBudgetBatchSampler, packed_tokens, pairs_in_batch
 from trl_prefix_share.trainers.dpo.validation import check_not_emptied, validate_preference_dataset
+from trl_prefix_share.trainers.wiring import PrefixSharingMixin, Switch
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -62,7 +60,7 @@ def _needs_reference_copy(model: Any, args: Any, peft_config: Any) -> bool:
     return not getattr(model.config, "_name_or_path", "")
 
 
-class PrefixSharedDPOTrainer(DPOTrainer):
+class PrefixSharedDPOTrainer(PrefixSharingMixin, DPOTrainer):
     """Drop-in replacement for [`~trl.DPOTrainer`]: same constructor, same config ([`~trl.DPOConfig`] or
     [`PrefixSharedDPOConfig`] for the extra knobs), same losses, gradients and metrics; fewer tokens processed.
 
@@ -88,7 +86,7 @@ class PrefixSharedDPOTrainer(DPOTrainer):
         quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
     ) -> None:
-        start_prefix_share(self, args, peft_config)
+        self._start_prefix_share(args, peft_config)
         if self._always_group_by_prompt:
             self.prefix_share_args.group_by_prompt = True
         options = self.prefix_share_args
@@ -98,7 +96,6 @@ class PrefixSharedDPOTrainer(DPOTrainer):
                 "one of them."
             )
         self._pair_weight: float | None = None  # token-budget batches: loss scale per pair of the current step
-        self._prefix_share_installed = False
         if ref_model is None and _needs_reference_copy(model, args, peft_config):
             # TRL would reload the reference from `config._name_or_path`, which a model built from a config lacks
             # (it fails with an unhelpful repo-id error). The reference is the initial policy, so copy it.
@@ -122,19 +119,13 @@ class PrefixSharedDPOTrainer(DPOTrainer):
 
     # -- set-up ------------------------------------------------------------------------------------------------------
 
-    def _install_prefix_sharing(self) -> None:
-        """Switch the policy and reference models to the packed forward and wrap the collator (once)."""
-        if self._prefix_share_installed:
-            return
-        packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
-        self.prefix_share_kernel = kernel  # the attention kernel "auto" resolved to (sdpa on CPU, flex on CUDA)
-        self._prefix_share_installed = True
-        models = [model_to_patch(self.model)]
-        if self.ref_model is not None:
-            models.append(self.accelerator.unwrap_model(self.ref_model))
-        enable = enable_vision_prefix_sharing if self._is_vision_dataset else enable_prefix_sharing
-        if not install_or_fall_back(self, models, enable, verify_packed_forward, kernel):
-            return  # exact fallback: TRL's own collator and forward
+    def _prefix_share_switch(self) -> Switch:
+        if self._is_vision_dataset:
+            return enable_vision_prefix_sharing, verify_packed_forward
+        return enable_prefix_sharing, verify_packed_forward
+
+    def _wrap_collator(self, models: list[torch.nn.Module]) -> None:
+        packing = self.prefix_share_packing
         grouping = GroupByPrompt(packing.max_row_tokens) if self.prefix_share_args.group_by_prompt else pair_documents
         collator_kwargs = dict(pad_token_id=self._tokenizer.pad_token_id, options=packing, group_documents=grouping)
         if self._is_vision_dataset:
@@ -217,7 +208,3 @@ class PrefixSharedDPOTrainer(DPOTrainer):
             return result
         scale = pairs_in_batch(inputs) * self._pair_weight
         return (result[0] * scale, result[1]) if return_outputs else result * scale
-
-    def _log_token_counts(self, inputs: dict[str, Any]) -> None:
-        """Packed vs stock tokens of this batch (shapes only: no device sync); ratio 1.0 in the exact fallback."""
-        log_batch_token_counts(self, inputs)

@@ -14,7 +14,6 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_prefix_share.core.installer import start_prefix_share
 from trl_prefix_share.trainers.online.scoring import PrefixSharedScoringMixin
 
 if TYPE_CHECKING:
@@ -49,7 +48,7 @@ class PrefixSharedGRPOTrainer(PrefixSharedScoringMixin, GRPOTrainer):
         rollout_func: Any = None,
         environment_factory: Any = None,
     ) -> None:
-        start_prefix_share(self, args, peft_config)
+        self._start_prefix_share(args, peft_config)
         super().__init__(
             model,
             reward_funcs=reward_funcs,
@@ -66,4 +65,4 @@ class PrefixSharedGRPOTrainer(PrefixSharedScoringMixin, GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
-        self.install_prefix_sharing()
+        self._install_prefix_sharing()

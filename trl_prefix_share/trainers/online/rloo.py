@@ -13,7 +13,6 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from trl_prefix_share.core.installer import start_prefix_share
 from trl_prefix_share.trainers.online.scoring import PrefixSharedScoringMixin
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ class PrefixSharedRLOOTrainer(PrefixSharedScoringMixin, RLOOTrainer):
         quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
     ) -> None:
-        start_prefix_share(self, args, peft_config)
+        self._start_prefix_share(args, peft_config)
         super().__init__(
             model,
             reward_funcs=reward_funcs,
@@ -55,4 +54,4 @@ class PrefixSharedRLOOTrainer(PrefixSharedScoringMixin, RLOOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        self.install_prefix_sharing()
+        self._install_prefix_sharing()

@@ -17,35 +17,29 @@ from typing import Any
 import torch
 from trl.extras.profiling import profiling_decorator
 
-from trl_prefix_share.core.collator import PACKED_KEY
-from trl_prefix_share.core.completion_rows import UnshareableRows, chunk_by_prompt, pack_completion_rows, read_rows
-from trl_prefix_share.core.installer import install_or_fall_back, model_to_patch
-from trl_prefix_share.core.online_support import enable_online_prefix_sharing, verify_online_forward
-from trl_prefix_share.core.options import packing_options
+from trl_prefix_share.core.online.rows import UnshareableRows, chunk_by_prompt, pack_completion_rows, read_rows
+from trl_prefix_share.core.online.support import enable_online_prefix_sharing, verify_online_forward
+from trl_prefix_share.core.packing import PACKED_KEY
 from trl_prefix_share.core.token_metrics import log_token_counts
 from trl_prefix_share.core.trl_compat import ONLINE_HOOKS, check_hooks
+from trl_prefix_share.trainers.wiring import PrefixSharingMixin, Switch
 
 check_hooks(ONLINE_HOOKS)
 
 logger = logging.getLogger(__name__)
 
 
-class PrefixSharedScoringMixin:
-    """Mixed in before ``trl.GRPOTrainer`` / ``trl.RLOOTrainer``; ``install_prefix_sharing`` runs after their init."""
+class PrefixSharedScoringMixin(PrefixSharingMixin):
+    """Mixed in before ``trl.GRPOTrainer`` / ``trl.RLOOTrainer``: their hook is the log-prob pass below, not a
+    collator (TRL builds those rows itself, after generation)."""
 
-    def install_prefix_sharing(self) -> None:
-        """Switch the policy and the reference (when there is one) to the packed forward, or fall back exactly."""
-        packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
-        self.prefix_share_packing = packing
-        self.prefix_share_kernel = kernel
+    def _start_prefix_share(self, args: Any, peft_config: Any) -> None:
+        super()._start_prefix_share(args, peft_config)
         self._prefix_share_layouts: tuple[Any, ...] | None = None
         self._prefix_share_warned = False
-        models = [model_to_patch(self.accelerator.unwrap_model(self.model))]
-        if self.ref_model is not None:
-            models.append(self.accelerator.unwrap_model(self.ref_model))
-        self.prefix_share_enabled = install_or_fall_back(
-            self, models, enable_online_prefix_sharing, verify_online_forward, kernel
-        )
+
+    def _prefix_share_switch(self) -> Switch:
+        return enable_online_prefix_sharing, verify_online_forward
 
     @profiling_decorator  # TRL's own timing of this pass (its `profiling/Time taken: ...` metric), as in stock
     def _get_per_token_logps_and_entropies(
@@ -77,7 +71,7 @@ class PrefixSharedScoringMixin:
                 **multimodal,
             )
 
-        if not getattr(self, "prefix_share_enabled", False) or any(v is not None for v in multimodal.values()):
+        if not self.prefix_share_enabled or any(v is not None for v in multimodal.values()):
             return stock()  # the exact fallback, or image prompts (scored by TRL until vision prompts are served)
         try:
             chunks = self._packed_chunks(input_ids, attention_mask, logits_to_keep, batch_size)

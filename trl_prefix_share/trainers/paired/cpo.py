@@ -8,7 +8,8 @@ import torch
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from trl_prefix_share.core.options import PrefixShareArguments
-from trl_prefix_share.trainers.paired.forward import PrefixSharedPairedMixin, mean_nll
+from trl_prefix_share.core.paired.reductions import mean_nll
+from trl_prefix_share.trainers.paired.mixin import PrefixSharedPairedMixin
 
 #: Loss types for which CPOTrainer averages the log-probs over completion tokens (length-normalised rewards).
 AVERAGED_LOSS_TYPES = ("ipo", "simpo")

@@ -35,7 +35,7 @@ from trl.data_utils import _tokenize, get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import global_then_local_main_first
 
-from trl_prefix_share.core.reward_collator import ROW_GROUPS_KEY
+from trl_prefix_share.core.reward.collator import ROW_GROUPS_KEY
 
 RANKED_COLUMNS = ("response_ids", "response_ranks")
 

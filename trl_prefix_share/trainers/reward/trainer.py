@@ -19,11 +19,8 @@ from transformers import DataCollator, EvalPrediction, PreTrainedModel, PreTrain
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import get_dataset_column_names
 
-from trl_prefix_share.core.installer import install_or_fall_back, model_to_patch, start_prefix_share
-from trl_prefix_share.core.options import packing_options
-from trl_prefix_share.core.packed_scores import enable_packed_scores, verify_packed_scores
-from trl_prefix_share.core.reward_collator import PrefixSharedRewardCollator
-from trl_prefix_share.core.token_metrics import log_batch_token_counts
+from trl_prefix_share.core.reward.collator import PrefixSharedRewardCollator
+from trl_prefix_share.core.reward.scores import enable_packed_scores, verify_packed_scores
 from trl_prefix_share.core.vision.image_inputs import has_image_column
 from trl_prefix_share.trainers.reward.ranked import (
     RANKED_COLUMNS,
@@ -32,6 +29,7 @@ from trl_prefix_share.trainers.reward.ranked import (
     prepare_ranked_dataset,
 )
 from trl_prefix_share.trainers.reward.validation import validate_reward_dataset
+from trl_prefix_share.trainers.wiring import PrefixSharingMixin, Switch
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -51,7 +49,7 @@ def refuse_images(*datasets: Any) -> None:
                 )
 
 
-class PrefixSharedRewardTrainer(RewardTrainer):
+class PrefixSharedRewardTrainer(PrefixSharingMixin, RewardTrainer):
     """Drop-in replacement for [`~trl.RewardTrainer`]: same constructor, same config ([`~trl.RewardConfig`] or
     [`PrefixSharedRewardConfig`] for the extra knobs), same losses, gradients and metrics; fewer tokens processed.
 
@@ -81,7 +79,7 @@ class PrefixSharedRewardTrainer(RewardTrainer):
         quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
     ) -> None:
-        start_prefix_share(self, args, peft_config)
+        self._start_prefix_share(args, peft_config)
         refuse_images(train_dataset, eval_dataset)
         super().__init__(
             model,
@@ -100,18 +98,16 @@ class PrefixSharedRewardTrainer(RewardTrainer):
         )
         self._install_prefix_sharing()
 
-    def _install_prefix_sharing(self) -> None:
-        """Switch the model to the packed forward, probe it, and wrap the collator."""
-        packing, kernel = packing_options(self.prefix_share_args, self.accelerator.device)
-        model = model_to_patch(self.model)
-        if not install_or_fall_back(self, [model], enable_packed_scores, verify_packed_scores, kernel):
-            return  # exact fallback: TRL's own collator and forward
+    def _prefix_share_switch(self) -> Switch:
+        return enable_packed_scores, verify_packed_scores
+
+    def _wrap_collator(self, models: list[torch.nn.Module]) -> None:
         # The head reads scores by the model's pad id (RewardTrainer sets it to the tokenizer's).
-        pad_token_id = model.config.get_text_config().pad_token_id
+        pad_token_id = models[0].config.get_text_config().pad_token_id
         self.data_collator = PrefixSharedRewardCollator(
             self.data_collator,
             pad_token_id=pad_token_id,
-            options=packing,
+            options=self.prefix_share_packing,
             ranked_collator=DataCollatorForRankedPreference(
                 self.processing_class.pad_token_id, pad_to_multiple_of=self.args.pad_to_multiple_of
             ),
@@ -139,7 +135,3 @@ class PrefixSharedRewardTrainer(RewardTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._log_token_counts(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def _log_token_counts(self, inputs: dict[str, Any]) -> None:
-        """Packed vs stock tokens of this batch (shapes only: no device sync); ratio 1.0 in the exact fallback."""
-        log_batch_token_counts(self, inputs)

@@ -6,8 +6,8 @@ lives in the core; the sampler that puts such pairs in one batch is `trainers.dp
 
 from __future__ import annotations
 
-from trl_prefix_share.core.collator import pair_documents
 from trl_prefix_share.core.layout import DocumentSpec, SequenceSpec, make_document
+from trl_prefix_share.core.preference.collator import pair_documents
 
 
 def prompt_key(sequence: SequenceSpec) -> tuple:

@@ -17,7 +17,6 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from trl_prefix_share.core.attention import layout_for_batch, packed_forward_scope
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.mixers.kinds import compute_precision
 from trl_prefix_share.core.mixers.segmented import check_mixers_ran, restore_segmented_mixers
@@ -27,7 +26,8 @@ from trl_prefix_share.core.model_support import (
     probe_tolerance,
     switch_attention,
 )
-from trl_prefix_share.core.reward_collator import SCORE_INDEX_KEY, PrefixSharedRewardCollator
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.reward.collator import SCORE_INDEX_KEY, PrefixSharedRewardCollator
 
 _MARK = "_prefix_share_scores"
 # Batch keys that describe the stock padded rows (or TRL's loss inputs): the packed forward replaces them.
@@ -140,7 +140,7 @@ def verify_packed_scores(model: torch.nn.Module, kernel: str, device: torch.devi
     collator = PrefixSharedRewardCollator(
         DataCollatorForPreference(pad_token_id=pad),
         pad_token_id=pad,
-        options=PackingOptions(sdpa_buckets=kernel == "sdpa"),
+        options=PackingOptions(kernel=kernel),
     )
     batch = move_to_device(collator(_probe_examples(vocab_size, pad_token_id)), device)
     was_training = model.training

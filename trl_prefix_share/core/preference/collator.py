@@ -1,4 +1,4 @@
-"""Collator: TRL's own padded preference batch plus the shared-prefix packed layout of the same sequences.
+"""The preference collator (DPO): TRL's own padded preference batch plus the packed layout of the same sequences.
 
 The stock collator stays in charge of truncation and padding, so the sequences we pack are by construction the ones
 stock TRL scores. Its padded batch (the *virtual* layout) travels along: TRL's loss code reads its
@@ -9,34 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from trl_prefix_share.core.layout import DocumentSpec, SequenceSpec, make_document, pack_documents
-
-PACKED_KEY = "prefix_share"
-
-
-@dataclass
-class PackingOptions:
-    """How documents are packed; resolved from the trainer config (see ``options.PrefixShareArguments``)."""
-
-    share_prefix: bool = True
-    max_row_tokens: int | None = None
-    pad_to_multiple_of: int | None = None
-    sdpa_buckets: bool = True
-    pack_documents: bool = True
-
-    def layout_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``layout.pack_documents`` these options set."""
-        return {
-            "max_row_tokens": self.max_row_tokens,
-            "pad_to_multiple_of": self.pad_to_multiple_of,
-            "sdpa_buckets": self.sdpa_buckets,
-            "pack": self.pack_documents,
-        }
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
 
 
 def sequences_from_padded_batch(

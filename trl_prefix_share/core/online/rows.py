@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trl_prefix_share.core.collator import PackingOptions
 from trl_prefix_share.core.layout import DocumentSpec, SequenceSpec, make_document, move_to_device, pack_documents
+from trl_prefix_share.core.packing import PackingOptions
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions, pair_documents
 from trl_prefix_share.core.layout import DocumentSpec, SequenceSpec, make_document, pack_documents
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.preference.collator import pair_documents
 
 # Packed-batch key: flat packed index of each stock row's read-out token, where the packed forward reads its score.
 SCORE_INDEX_KEY = "score_index"

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from trl_prefix_share.core.collator import PACKED_KEY, PackingOptions
-from trl_prefix_share.core.completion_rows import pack_completion_rows
 from trl_prefix_share.core.layout import move_to_device
 from trl_prefix_share.core.model_support import (
     UnsupportedModelError,
@@ -22,6 +20,8 @@ from trl_prefix_share.core.model_support import (
     enable_prefix_sharing,
     verify_packed_forward,
 )
+from trl_prefix_share.core.online.rows import pack_completion_rows
+from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
 
 #: Attribute names of learned or fixed absolute position tables (GPT-2 `wpe`, OPT/BioGPT `embed_positions`, ...).
 POSITION_TABLE_NAMES = frozenset({"wpe", "embed_positions", "position_embeddings", "pos_emb", "embed_pos"})
@@ -95,7 +95,7 @@ def verify_online_forward(model: torch.nn.Module, kernel: str, device: torch.dev
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     wider_ids, wider_mask = wider_ids.to(device), wider_mask.to(device)
     packed = pack_completion_rows(
-        input_ids, attention_mask, keep, pad_token_id=0, options=PackingOptions(sdpa_buckets=kernel == "sdpa")
+        input_ids, attention_mask, keep, pad_token_id=0, options=PackingOptions(kernel=kernel)
     )
     mask = attention_mask[:, -keep:].bool()
     was_training = model.training

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import DPOTrainer
 
 from trl_prefix_share import PrefixSharedDPOTrainer
-from trl_prefix_share.trainers.sdpo import StepwiseDPO, StepwiseDPOConfig, split_into_chunks
+from trl_prefix_share.trainers.stepwise import StepwiseDPO, StepwiseDPOConfig, split_into_chunks
 
 
 def sdpo_args(tmp_path, **overrides):

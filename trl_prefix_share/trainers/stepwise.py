@@ -8,6 +8,11 @@ redone, an unfinished one never skipped, and a run whose chunks differ from the 
 
 With LoRA, the step t-1 adapter is merged into the base weights before step t, so "adapters disabled" is exactly the
 step t-1 model; the step's saved model is the merged base plus its own adapter.
+
+Named ``stepwise`` (module, CLI command ``trl-prefix-share stepwise``, recipes ``recipes/stepwise_*.yaml``), not
+``sdpo``: TRL's ``trl.experimental.sdpo`` is a different method (self-distillation). What a saved run or a user's code
+already holds keeps its 0.1 name: the ``sdpo_config`` keyword, the ``sdpo/step`` log key and ``sdpo_state.json`` (so a
+run started before the rename resumes).
 """
 
 from __future__ import annotations

@@ -1,0 +1,49 @@
+"""The packing choice: how one trainer lays its batches out, and which attention kernel reads the layout.
+
+One object carries it to both sides, so they cannot disagree: the collators read the layout fields (and whether to
+build the index tensors of the per-group SDPA decomposition), the model side reads ``kernel``. Resolved once per
+trainer from its config and device (``options.packing_options``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: Batch key under which the collators hand the packed layout to the model's forward.
+PACKED_KEY = "prefix_share"
+
+
+@dataclass
+class PackingOptions:
+    """How documents are packed and which attention kernel runs them.
+
+    Attributes:
+        share_prefix: lay a shared prompt out once (``False``: every sequence its own document, an ablation).
+        max_row_tokens: token budget of one packed row (``None``: the whole batch in one row).
+        pad_to_multiple_of: pad the row length to a multiple of this (bounds recompiles of compiled kernels).
+        sdpa_buckets: build the index tensors of the per-group SDPA decomposition (the CPU kernel). ``None``: exactly
+            when ``kernel`` is ``"sdpa"``; ``False`` suits layouts no SDPA kernel reads (token estimates).
+        pack_documents: several documents per row (``False``: one per row, padded to the longest; an ablation).
+        kernel: the attention kernel that reads the layout (``sdpa``, ``flex`` or ``flex_eager``).
+    """
+
+    share_prefix: bool = True
+    max_row_tokens: int | None = None
+    pad_to_multiple_of: int | None = None
+    sdpa_buckets: bool | None = None
+    pack_documents: bool = True
+    kernel: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.sdpa_buckets is None:
+            self.sdpa_buckets = self.kernel == "sdpa"
+
+    def layout_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``layout.pack_documents`` these options set."""
+        return {
+            "max_row_tokens": self.max_row_tokens,
+            "pad_to_multiple_of": self.pad_to_multiple_of,
+            "sdpa_buckets": self.sdpa_buckets,
+            "pack": self.pack_documents,
+        }
