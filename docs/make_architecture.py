@@ -167,21 +167,27 @@ def draw(out: Path) -> None:
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(15, 11), gridspec_kw={"height_ratios": [3, 1.4]})
     colours = {"commands": "#f2cf5b", "trainers": "#8cc5e3", "core": "#9fd39a"}
-    heights = {"commands": 0.22, "trainers": 0.3, "core": 0.34}
+    columns = 5
+    rows = {layer: -(-len(by_layer[layer]) // columns) for layer in LAYERS}
+    row_height = 0.9 / (sum(rows.values()) + 3.5 * len(LAYERS))
+    heights = {layer: (rows[layer] + 2.5) * row_height for layer in LAYERS}
     y = 1.0
     centres = {}
     for layer in LAYERS:
-        y -= heights[layer] + 0.03
+        y -= heights[layer] + 0.02
         top.add_patch(
             FancyBboxPatch((0.02, y), 0.96, heights[layer], boxstyle="round,pad=0.005", fc=colours[layer], ec="#333")
         )
         names = sorted(by_layer[layer])
-        top.text(0.03, y + heights[layer] - 0.035, f"{layer}/  ({len(names)} modules)", fontsize=12, weight="bold")
-        columns = 5
+        top.text(0.03, y + heights[layer] - row_height, f"{layer}/  ({len(names)} modules)", fontsize=12, weight="bold")
         for index, name in enumerate(names):
             row, column = divmod(index, columns)
             top.text(
-                0.04 + column * 0.19, y + heights[layer] - 0.075 - row * 0.03, name, fontsize=8, family="monospace"
+                0.04 + column * 0.19,
+                y + heights[layer] - 2.2 * row_height - row * row_height,
+                name,
+                fontsize=8,
+                family="monospace",
             )
         centres[layer] = y + heights[layer] / 2
     bottoms = {layer: centres[layer] - heights[layer] / 2 for layer in LAYERS}
@@ -199,7 +205,7 @@ def draw(out: Path) -> None:
     top.axis("off")
     top.set_title(
         "(a) layers: modules read from the package tree; arrows = imports between layers (counted from the source), "
-        "only downward",
+        "only downward; no import cycles",
         fontsize=11,
     )
 

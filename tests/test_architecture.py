@@ -106,3 +106,16 @@ def test_the_data_path_names_real_objects():
     tool = architecture()
     for _, dotted in tool.DATA_PATH:
         assert tool.resolve(dotted) is not None
+
+
+def test_the_how_to_names_real_objects():
+    """Every `module:object` of docs/architecture.md's "How to add a trainer" (the ORPO/CPO walk-through) exists."""
+    import re
+
+    tool = architecture()
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    section = text[text.index("## How to add a trainer") :]
+    named = re.findall(r"`(trl_prefix_share[\w.]*:[\w.]+)`", section)
+    assert len(named) >= 15, named
+    for dotted in named:
+        assert tool.resolve(dotted) is not None, dotted
