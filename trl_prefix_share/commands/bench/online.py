@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from trl_prefix_share.commands.bench.data import dataset_label, load_rows
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
+from trl_prefix_share.commands.prompt_sets import prompt_only_rows, prompt_token_ids
 
 ONLINE_KINDS = ("grpo", "rloo")
 #: Prompt sets by name: (data file short name, shortest and longest prompt kept, in tokens).
@@ -113,17 +114,11 @@ class TrlProfile:
 
 
 def prompt_rows(name: str, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    """Prompt-only rows of a named prompt set (filtered by prompt length) or of any preference file."""
+    """Prompt-only rows of a named prompt set (filtered by prompt length) or of any prompt or preference file: plain
+    or conversational prompts, or the implicit prompt of `chosen`/`rejected` (see `commands.prompt_sets`)."""
     source, shortest, longest = PROMPT_SETS.get(name, (name, 1, 10**9))
-    rows = []
-    for row in load_rows(source):
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str):
-            continue
-        length = len(tokenizer(prompt)["input_ids"])
-        if shortest <= length <= longest:
-            rows.append({"prompt": prompt})
-    return rows
+    rows, _ = prompt_only_rows(load_rows(source))
+    return [row for row in rows if shortest <= len(prompt_token_ids(row["prompt"], tokenizer)) <= longest]
 
 
 def _config(settings: OnlineSettings, kind: str, variant: str, output_dir: str):
@@ -242,30 +237,35 @@ def run_online_benchmark(settings: OnlineSettings, log: Any = print) -> list[Onl
 
 
 def summarize_online(runs: list[OnlineRun]) -> list[dict[str, Any]]:
-    """Per cell: medians over every timed step of every round, speedups stock/ours, and the token limit."""
+    """Per cell: seconds per step and speedups stock/ours as ratios of sums over every timed step of every round
+    (each step draws prompts of other lengths, so a median of steps would pair unlike steps), and the token limit."""
     cells = []
     for dataset, kind in dict.fromkeys((r.dataset, r.kind) for r in runs):
         by_variant = {
             v: [r for r in runs if (r.dataset, r.kind, r.variant) == (dataset, kind, v)] for v in ("stock", "ours")
         }
 
-        def median(variant: str, attribute: str, cell: dict = by_variant) -> float:
-            return statistics.median(x for r in cell[variant] for x in getattr(r, attribute))
+        def total(variant: str, attribute: str, cell: dict = by_variant) -> float:
+            return sum(x for r in cell[variant] for x in getattr(r, attribute))
+
+        def per_step(variant: str, attribute: str, cell: dict = by_variant) -> float:
+            steps = sum(len(getattr(r, attribute)) for r in cell[variant])
+            return total(variant, attribute) / max(steps, 1)
 
         ours = by_variant["ours"][0]
         token_limit = ours.stock_tokens / max(ours.tokens, 1)
-        training = median("stock", "training_seconds") / median("ours", "training_seconds")
+        training = total("stock", "training_seconds") / total("ours", "training_seconds")
         cells.append(
             {
                 "dataset": dataset,
                 "kind": kind,
-                "stock_training_s": median("stock", "training_seconds"),
-                "ours_training_s": median("ours", "training_seconds"),
-                "stock_step_s": median("stock", "step_seconds"),
-                "ours_step_s": median("ours", "step_seconds"),
-                "generation_s": median("stock", "generation_seconds"),
+                "stock_training_s": per_step("stock", "training_seconds"),
+                "ours_training_s": per_step("ours", "training_seconds"),
+                "stock_step_s": per_step("stock", "step_seconds"),
+                "ours_step_s": per_step("ours", "step_seconds"),
+                "generation_s": per_step("stock", "generation_seconds"),
                 "training_speedup": training,
-                "end_to_end_speedup": median("stock", "step_seconds") / median("ours", "step_seconds"),
+                "end_to_end_speedup": total("stock", "step_seconds") / total("ours", "step_seconds"),
                 "token_limit": token_limit,
                 "share_of_limit": training / token_limit,
             }
@@ -287,8 +287,8 @@ def format_online_table(settings: OnlineSettings, cells: list[dict[str, Any]]) -
             f"{c['stock_step_s']:>12.2f} / {c['ours_step_s']:<7.2f}{c['end_to_end_speedup']:>11.2f}x"
         )
     lines.append(
-        "training side: step time minus generation and rewards (TRL's profiling); token limit: stock tokens / ours "
-        "in the log-prob passes"
+        "training side: step time minus generation and rewards (TRL's profiling); seconds are means per step, "
+        "speedups ratios of sums over all timed steps; token limit: stock tokens / ours in the log-prob passes"
     )
     return "\n".join(lines)
 

@@ -87,15 +87,26 @@ def _limit(dataset, args: argparse.Namespace):
 
 def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
     """`--trainer grpo|rloo`: prompt lengths from the data, completion lengths given or measured."""
+    from datasets import Dataset
+
     from trl_prefix_share.commands.estimate.online import (
         completion_lengths,
         count_online_tokens,
         format_online_report,
         prompt_lengths,
     )
+    from trl_prefix_share.commands.prompt_sets import prompt_only_rows
 
-    if "prompt" not in dataset.column_names:
-        raise SystemExit(f"--trainer {args.trainer} needs a `prompt` column; {args.dataset} has {dataset.column_names}")
+    if "prompt" not in dataset.column_names:  # a preference file whose prompt is implicit in chosen / rejected
+        rows, _ = prompt_only_rows(dataset.to_list())
+        if not rows:
+            raise SystemExit(
+                f"--trainer {args.trainer} needs prompts: a `prompt` column, or `chosen` and `rejected` that start "
+                f"with the same prompt; {args.dataset} has {dataset.column_names}"
+            )
+        if args.completion_column:
+            raise SystemExit("--completion-column needs a dataset with its own `prompt` column")
+        dataset = Dataset.from_list(rows)
     tokenizer = load_tokenizer(args.tokenizer)
     prompts = prompt_lengths(dataset, tokenizer)
     completions = completion_lengths(dataset, tokenizer, args.completion_column, args.max_completion_length)

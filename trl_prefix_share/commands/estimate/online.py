@@ -21,6 +21,7 @@ from trl.data_utils import is_conversational
 
 from trl_prefix_share.commands.estimate.counting import sampler_order
 from trl_prefix_share.commands.estimate.results import LengthStats
+from trl_prefix_share.commands.prompt_sets import prompt_token_ids
 
 
 @dataclass
@@ -57,12 +58,9 @@ def prompt_lengths(dataset, tokenizer) -> np.ndarray:
     if not prompts:
         return np.zeros(0, dtype=np.int64)
     if is_conversational({"prompt": prompts[0]}):
-        ids = [
-            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-            for p in prompts
-        ]
+        ids = [prompt_token_ids(p, tokenizer) for p in prompts]
     else:
-        ids = tokenizer(list(prompts))["input_ids"]
+        ids = tokenizer(list(prompts))["input_ids"]  # one batched call for plain text
     return np.array([len(i) for i in ids], dtype=np.int64)
 
 
