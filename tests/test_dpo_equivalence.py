@@ -175,6 +175,7 @@ def test_peft_pretrained_adapter_uses_ref_copy(model_dir, tokenizer, hh_rows):
 
     def make(cls):
         base = AutoModelForCausalLM.from_pretrained(model_dir("qwen2"))
+        torch.manual_seed(0)  # LoRA's A matrices start random: the same start for both trainers
         model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
         perturb(model, only="lora_", seed=3)  # a "pretrained" adapter
         trainer = cls(model=model, args=dpo_args(), train_dataset=hh_rows, processing_class=tokenizer)

@@ -23,6 +23,9 @@ EXAMPLE = """examples:
     (image preferences: charts and shapes drawn with PIL, a Qwen2.5-VL-shaped model, 144 image tokens per image)
   trl-prefix-share bench --trainer grpo rloo --model-preset smollm-135m --json online.json
     (online RL: prompt sets ultrafeedback-long and pandalm-short by default; G = --num-generations)
+  trl-prefix-share bench --sweep --trainer dpo grpo --prompt-lengths 256 1024 4096 16384 --completions 2 4 8 16 \
+      --json sweep.json --plot sweep.png
+    (scaling sweep: prompt length x completions per prompt, stock vs packed-unshared vs ours; see docs/benchmarks.md)
 """
 
 
@@ -114,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (batch = this x G)")
     online.add_argument("--max-completion-length", type=int, default=32)
     online.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 adds the reference pass)")
+    sweep = parser.add_argument_group("scaling sweep (--sweep; --trainer dpo grpo)")
+    sweep.add_argument("--sweep", action="store_true", help="run the prompt-length x completions grid")
+    sweep.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    sweep.add_argument("--completions", type=int, nargs="+", default=[2, 4, 8, 16], help="per prompt (DPO: even)")
+    sweep.add_argument("--completion-length", type=int, default=64, help="tokens per completion")
+    sweep.add_argument("--time-cap", type=float, default=300.0, help="seconds per run before it is reported as over")
     return parser
 
 
@@ -139,6 +148,9 @@ def run_bench(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be >= 1")
+    if args.sweep:
+        run_sweep_command(parser, args)
+        return
     online = [kind for kind in args.trainer if kind in ONLINE_KINDS]
     if online and len(online) != len(args.trainer):
         parser.error("online (grpo, rloo) and preference trainers run separately: give one group to --trainer")
@@ -234,3 +246,58 @@ def run_online(args: argparse.Namespace) -> None:
     if args.json is not None:
         args.json.write_text(json.dumps(online_payload(settings, runs, cells), indent=2, default=str))
         print(f"\nJSON: {args.json}")
+
+
+def run_sweep_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--sweep`: the scaling grid (its own table, JSON and plots)."""
+    from trl_prefix_share.commands.bench.sweep import (
+        SWEEP_KINDS,
+        SweepSettings,
+        format_sweep_table,
+        plot_sweep,
+        run_sweep,
+        write_sweep_json,
+    )
+
+    if not set(args.trainer) <= set(SWEEP_KINDS):
+        parser.error(f"--sweep runs {' and '.join(SWEEP_KINDS)}; got --trainer {' '.join(args.trainer)}")
+    if "dpo" in args.trainer and any(n < 2 or n % 2 for n in args.completions):
+        parser.error("--sweep with dpo: --completions must be even (n responses = n/2 pairs)")
+    import datasets
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model_preset = args.model_preset or "smollm-135m"
+    settings = SweepSettings(
+        kinds=args.trainer,
+        prompt_lengths=args.prompt_lengths,
+        completions=args.completions,
+        completion_length=args.completion_length,
+        tokenizer=args.tokenizer,
+        model=args.model,
+        shape=shape_from(args),
+        steps=args.steps,
+        warmup=args.warmup,
+        time_cap_s=args.time_cap,
+        gradient_checkpointing=args.gradient_checkpointing != "off",
+        seed=args.seed,
+        device=args.device,
+    )
+    model = settings.model or settings.shape.describe()
+    print(f"[trl-prefix-share bench] sweep, {model}, {settings.steps} timed step(s) per run", flush=True)
+    result = run_sweep(settings, log=lambda line: print(line, flush=True))
+    env = result["environment"]
+    print(f"\n{env['device']}, {env['dtype']}; torch {env['torch']}, transformers {env['transformers']}")
+    print(format_sweep_table(result))
+    if args.json is not None:
+        write_sweep_json(result, args.json)
+        print(f"\nJSON: {args.json}")
+    if args.plot is not None:
+        plot_sweep(result, args.plot)
+        print(f"plots: {args.plot}")

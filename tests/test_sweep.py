@@ -1,0 +1,87 @@
+"""`bench --sweep`: the prompt-length x completions grid runs every variant of every cell, reports cells that go over
+the time cap (and skips the longer prompts of that variant) instead of dropping them, and its token counts agree
+with the layout and with the estimator's prediction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TOKENIZER_DIR
+
+from trl_prefix_share.commands.bench.models import ModelShape
+from trl_prefix_share.commands.bench.sweep import (
+    OK,
+    OVER_TIME_CAP,
+    SKIPPED,
+    FixedRollouts,
+    SweepSettings,
+    TextStream,
+    cell_texts,
+    dpo_rows,
+    run_sweep,
+)
+from trl_prefix_share.commands.cli import main
+
+TINY = ModelShape(family="llama", layers=1, hidden=32, heads=4, kv_heads=2)
+
+
+def test_cells_are_real_text_of_the_asked_lengths(tokenizer):
+    settings = SweepSettings(completion_length=12, steps=1, warmup=1)
+    stream = TextStream(tokenizer, needed_tokens=2000)
+    texts = cell_texts(settings, tokenizer, 100, 4, stream)
+    assert len(texts) == 2 and all(len(responses) == 4 for _, responses in texts)
+    for prompt, responses in texts:
+        assert abs(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 100) <= 3
+        assert len(set(responses)) == 4  # every completion another stretch of text
+    rows = dpo_rows(texts)
+    assert len(rows) == 4 and rows[0]["chosen"] == texts[0][1][0] and rows[1]["rejected"] == texts[0][1][3]
+    rollouts = FixedRollouts(texts, tokenizer)([texts[0][0]] * 4, trainer=None)
+    decoded = [tokenizer.decode(ids) for ids in rollouts["completion_ids"]]
+    assert decoded == texts[0][1] and rollouts["logprobs"] is None
+
+
+@pytest.mark.parametrize(("kind", "lengths", "completions"), [("dpo", [64], [2, 4]), ("grpo", [48, 96], [4])])
+def test_sweep_measures_every_variant_and_the_estimate_predicts_the_tokens(kind, lengths, completions, tokenizer):
+    settings = SweepSettings(
+        kinds=[kind],
+        prompt_lengths=lengths,
+        completions=completions,
+        completion_length=8,
+        tokenizer=str(TOKENIZER_DIR),
+        shape=TINY,
+        steps=1,
+        warmup=1,
+        time_cap_s=None,
+        gradient_checkpointing=False,
+        device="cpu",
+    )
+    result = run_sweep(settings, log=lambda line: None)
+    assert len(result["cells"]) == 2 and len(result["runs"]) == 6
+    assert all(run.status == OK and len(run.step_seconds) == 1 for run in result["runs"])
+    for cell in result["cells"]:
+        n, length = cell["completions"], cell["prompt_length"]
+        # one prompt of ~L tokens and n completions of ~8: stock runs it n times, ours once
+        expected = n * (length + 8) / (length + n * 8)
+        assert cell["token_limit"] == pytest.approx(expected, rel=0.15), cell
+        assert cell["token_limit"] > 1.3 and cell["unpadded_limit"] > 1.3
+        if cell["predicted_token_ratio"] is not None:
+            assert abs(cell["prediction_error"]) < 0.1, cell
+    predicted = [c for c in result["cells"] if c["predicted_token_ratio"] is not None]
+    assert len(predicted) == (2 if kind == "grpo" else 1)  # DPO: the estimator counts pairs, not grouped prompts
+
+
+def test_time_cap_is_reported_and_longer_prompts_skipped(tmp_path, capsys):
+    out, chart = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    argv = ["bench", "--sweep", "--trainer", "dpo", "--model-preset", "tiny", "--layers", "1", "--hidden", "32"]
+    argv += ["--prompt-lengths", "32", "64", "--completions", "2", "--completion-length", "8", "--steps", "2"]
+    main([*argv, "--time-cap", "0", "--gradient-checkpointing", "off", "--json", str(out), "--plot", str(chart)])
+    printed = capsys.readouterr().out
+    assert "token limit" in printed and chart.stat().st_size > 0
+    payload = json.loads(out.read_text())
+    first, second = payload["cells"]
+    assert set(first["status"].values()) == {OVER_TIME_CAP}  # stopped after the warm-up step: reported, not dropped
+    assert set(second["status"].values()) == {SKIPPED}
+    assert first["speedup"] is None and first["token_limit"] is None
+    with pytest.raises(SystemExit):
+        main(["bench", "--sweep", "--trainer", "dpo", "--completions", "3"])  # DPO needs pairs

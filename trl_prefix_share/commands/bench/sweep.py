@@ -1,0 +1,494 @@
+"""`bench --sweep`: how step time and memory grow with prompt length and completions per prompt.
+
+A grid of cells (prompt length L x completions per prompt n), for DPO (n responses to one prompt, trained as n/2
+pairs; ours groups them by prompt) and GRPO (G = n completions), each cell run by stock TRL, by our packed but unshared
+layout (`share_prefix=False`: the padding-free baseline) and by ours. Per cell and variant: seconds per timed step,
+peak memory above the state after the warm-up step (activations and gradients: the part that scales with tokens),
+the tokens of a step, and the status (`ok`, `out of memory`, `over time cap`, or `skipped`: the same variant already
+went over the cap at a shorter prompt). Per cell: the token limit (stock / ours), the unpadded limit (unshared /
+ours), the speed-ups, how much of the limits they reach, and the estimator's predicted token ratio next to the
+measured one.
+
+Data, synthetic from real text: one stream of tokens of UltraFeedback's responses (the shared data), from which each
+prompt takes L consecutive tokens and each completion R tokens (decoded to text, so the trainers tokenize them as
+usual; a row's counts may differ from L and R by a token at the joins). Every prompt and every completion of a cell is
+a different stretch of text. GRPO's completions come from a `rollout_func` that returns those tokens, so no step
+spends time generating and the whole step is the training side (policy forward and backward, optimizer).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from trl_prefix_share.commands.bench.data import load_rows
+from trl_prefix_share.commands.bench.measure import PeakMemory, StepTimer, TokenCountingCollator, intervals
+from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
+
+SWEEP_KINDS = ("dpo", "grpo")
+SWEEP_VARIANTS = ("stock", "unshared", "ours")
+OK, OUT_OF_MEMORY, OVER_TIME_CAP, SKIPPED = "ok", "out of memory", "over time cap", "skipped"
+
+
+@dataclass
+class SweepSettings:
+    """The grid and how each cell runs. Every variant of a cell gets the same model, data, seed and config."""
+
+    kinds: list[str] = field(default_factory=lambda: list(SWEEP_KINDS))
+    prompt_lengths: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
+    completions: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    completion_length: int = 64
+    prompts_per_step: int = 1
+    variants: list[str] = field(default_factory=lambda: list(SWEEP_VARIANTS))
+    tokenizer: str = ""
+    model: str | None = None
+    shape: ModelShape = PRESETS["smollm-135m"]
+    steps: int = 2
+    warmup: int = 1
+    time_cap_s: float | None = 300.0
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    device: str = "auto"
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class SweepRun:
+    """One variant of one cell."""
+
+    kind: str
+    prompt_length: int
+    completions: int
+    variant: str
+    status: str
+    step_seconds: list[float] = field(default_factory=list)
+    tokens_per_step: float | None = None
+    stock_tokens_per_step: float | None = None
+    peak_memory_mib: float | None = None
+    training_memory_mib: float | None = None
+    compiles: int | None = None  # graphs torch.compile built during the run (FlexAttention on CUDA)
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else None
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+class TextStream:
+    """Consecutive stretches of real text (UltraFeedback's responses, tokenized end to end), handed out in order."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, needed_tokens: int) -> None:
+        pieces, total = [], 0
+        for row in itertools.cycle(load_rows("ultrafeedback")):
+            for key in ("chosen", "rejected"):
+                text = row[key] if isinstance(row[key], str) else row[key][-1]["content"]
+                ids = tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+                pieces.append(np.asarray(ids, dtype=np.int64))
+                total += len(ids)
+            if total >= needed_tokens:
+                break
+        self.tokens = np.concatenate(pieces)
+        self.tokenizer = tokenizer
+        self.offset = 0
+
+    def take(self, length: int) -> str:
+        """The next ``length`` tokens as text."""
+        ids = self.tokens[self.offset : self.offset + length]
+        self.offset += length
+        return self.tokenizer.decode(ids.tolist())
+
+
+def cell_texts(settings: SweepSettings, tokenizer, prompt_length: int, completions: int, stream: TextStream):
+    """Prompts (one per step, times `prompts_per_step`) and each prompt's `completions` completion texts."""
+    prompts = settings.prompts_per_step * (settings.warmup + settings.steps)
+    texts = []
+    for _ in range(prompts):
+        prompt = stream.take(prompt_length)
+        texts.append((prompt, ["\n" + stream.take(settings.completion_length) for _ in range(completions)]))
+    return texts
+
+
+def dpo_rows(texts: list[tuple[str, list[str]]]) -> Dataset:
+    """n responses per prompt as n/2 pairs (responses 2i and 2i+1), each pair its own row, as a ranked list would."""
+    rows = [
+        {"prompt": prompt, "chosen": responses[i], "rejected": responses[i + 1]}
+        for prompt, responses in texts
+        for i in range(0, len(responses) - 1, 2)
+    ]
+    return Dataset.from_list(rows)
+
+
+class FixedRollouts:
+    """`rollout_func` of GRPO: each prompt row's completion is the next of its prompt's completion texts, tokenized,
+    so every variant trains on the same completions without generating them."""
+
+    def __init__(self, texts: list[tuple[str, list[str]]], tokenizer: PreTrainedTokenizerBase) -> None:
+        self.completions = {prompt: responses for prompt, responses in texts}
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompts: list[str], trainer: Any) -> dict[str, list]:
+        seen: dict[str, int] = {}
+        prompt_ids, completion_ids = [], []
+        for prompt in prompts:
+            index = seen.get(prompt, 0)
+            seen[prompt] = index + 1
+            prompt_ids.append(self.tokenizer(prompt)["input_ids"])
+            text = self.completions[prompt][index % len(self.completions[prompt])]
+            completion_ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+
+def sweep_reward(completions, **kwargs) -> list[float]:
+    """Deterministic, cheap, and different across completions (GRPO needs a non-zero advantage to train)."""
+    return [float(len(set(c if isinstance(c, str) else c[-1]["content"]))) for c in completions]
+
+
+# -- runs ----------------------------------------------------------------------------------------------------------
+
+
+class TimeCap(TrainerCallback):
+    """Stops a run once its steps have taken longer than the cap (the step running then finishes first)."""
+
+    def __init__(self, cap_s: float | None) -> None:
+        self.cap_s = cap_s
+        self.started = 0.0
+        self.hit = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.cap_s is not None and time.perf_counter() - self.started > self.cap_s:
+            self.hit = True
+            control.should_training_stop = True
+
+
+def _common_config(settings: SweepSettings, output_dir: str, batch: int, max_length: int) -> dict[str, Any]:
+    fields: dict[str, Any] = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch,
+        max_steps=settings.warmup + settings.steps,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=settings.seed,
+        data_seed=settings.seed,
+    )
+    if settings.resolved_device().type == "cuda":
+        fields.update(bf16=True, model_init_kwargs={"dtype": torch.bfloat16})
+    else:
+        fields.update(use_cpu=True, bf16=False)
+    return fields
+
+
+def _dpo_trainer(settings, variant, model, tokenizer, texts, output_dir):
+    from trl import DPOConfig, DPOTrainer
+
+    from trl_prefix_share.trainers.dpo.config import PrefixSharedDPOConfig
+    from trl_prefix_share.trainers.dpo.trainer import PrefixSharedDPOTrainer
+
+    pairs_per_prompt = len(texts[0][1]) // 2
+    longest = max(len(tokenizer(p)["input_ids"]) for p, _ in texts) + 2 * settings.completion_length + 16
+    common = _common_config(settings, output_dir, settings.prompts_per_step * pairs_per_prompt, longest)
+    common["max_length"] = longest
+    if variant == "stock":
+        config, trainer_class = DPOConfig(**common), DPOTrainer
+    else:  # both ours: the pairs of one prompt in one batch, the prompt laid out once (or, unshared, per pair)
+        config = PrefixSharedDPOConfig(**common, group_by_prompt=True, share_prefix=variant == "ours")
+        trainer_class = PrefixSharedDPOTrainer
+    return trainer_class(model=model, args=config, train_dataset=dpo_rows(texts), processing_class=tokenizer)
+
+
+def _grpo_trainer(settings, variant, model, tokenizer, texts, output_dir):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_prefix_share.trainers.online.config import PrefixSharedGRPOConfig
+    from trl_prefix_share.trainers.online.grpo import PrefixSharedGRPOTrainer
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
+    generations = len(texts[0][1])
+    common = _common_config(settings, output_dir, settings.prompts_per_step * generations, 0)
+    common.update(num_generations=generations, max_completion_length=settings.completion_length + 8, beta=0.0)
+    if variant == "stock":
+        config, trainer_class = GRPOConfig(**common), GRPOTrainer
+    else:
+        config = PrefixSharedGRPOConfig(**common, share_prefix=variant == "ours")
+        trainer_class = PrefixSharedGRPOTrainer
+    return trainer_class(
+        model=model,
+        reward_funcs=sweep_reward,
+        args=config,
+        train_dataset=Dataset.from_list([{"prompt": prompt} for prompt, _ in texts]),
+        processing_class=tokenizer,
+        rollout_func=FixedRollouts(texts, tokenizer),
+    )
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length, completions) -> SweepRun:
+    """Build and train one variant of one cell; an out-of-memory error or the time cap is recorded, not raised."""
+    run = SweepRun(kind, prompt_length, completions, variant, OK)
+    device = settings.resolved_device()
+    memory = PeakMemory(device)
+    compiles = _compiled_graphs()
+    with tempfile.TemporaryDirectory(prefix="trl-prefix-share-sweep-") as output_dir:
+        build = _dpo_trainer if kind == "dpo" else _grpo_trainer
+        trainer = build(settings, variant, model, tokenizer, texts, output_dir)
+        for callback in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(callback)
+        counter = TokenCountingCollator(trainer.data_collator) if kind == "dpo" else None
+        if counter is not None:
+            trainer.data_collator = counter
+        timer, cap = StepTimer(memory, settings.warmup), TimeCap(settings.time_cap_s)
+        trainer.add_callback(timer)
+        trainer.add_callback(cap)
+        try:
+            trainer.train()
+        except torch.OutOfMemoryError:
+            run.status = OUT_OF_MEMORY
+        else:
+            run.status = OVER_TIME_CAP if cap.hit else OK
+        if len(timer.wall) > settings.warmup:
+            run.step_seconds = intervals(timer.wall, settings.warmup)
+            run.peak_memory_mib, run.training_memory_mib = memory.peak_mib(), memory.growth_mib()
+        timed = slice(settings.warmup, len(timer.wall))
+        if counter is not None and counter.ours[timed]:
+            run.tokens_per_step = float(np.mean(counter.ours[timed]))
+            run.stock_tokens_per_step = float(np.mean(counter.stock[timed]))
+        elif counter is None and variant != "stock" and timer.wall:
+            totals = trainer.prefix_share_totals  # every step, warm-up included: all steps alike in a cell
+            run.tokens_per_step = totals["tokens"] / len(timer.wall)
+            run.stock_tokens_per_step = totals["stock_tokens"] / len(timer.wall)
+        run.compiles = _compiled_graphs() - compiles if device.type == "cuda" else None
+        del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return run
+
+
+def predicted_token_ratio(settings: SweepSettings, kind: str, tokenizer, texts) -> float | None:
+    """The estimator's token ratio for the cell (`estimate`'s own counting), where it models the trainer: GRPO, and
+    DPO with one pair per prompt (`estimate` counts pairs; it does not model `group_by_prompt`)."""
+    from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_lengths
+
+    if kind == "grpo":
+        prompts = prompt_lengths(Dataset.from_list([{"prompt": p} for p, _ in texts]), tokenizer)
+        completions = np.array([len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for _, r in texts])
+        batch = settings.prompts_per_step * len(texts[0][1])
+        return count_online_tokens(prompts, completions, len(texts[0][1]), batch, shuffle=False).ratio
+    if len(texts[0][1]) != 2:
+        return None
+    from trl_prefix_share.commands.estimate import estimate_savings
+
+    rows = dpo_rows(texts).to_list()
+    return estimate_savings(rows, tokenizer, batch_size=settings.prompts_per_step, max_length=None).token_ratio
+
+
+def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
+    """Every cell of the grid; the variants of a cell run one after the other on the same model and data."""
+    tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
+    model = settings.model or build_model_dir(settings.shape, tokenizer, False, settings.seed, torch.float32)
+    needed = max(settings.prompt_lengths) * 4 + max(settings.completions) * settings.completion_length * 4
+    stream = TextStream(tokenizer, needed_tokens=needed)
+    runs: list[SweepRun] = []
+    cells: list[dict[str, Any]] = []
+    for kind in settings.kinds:
+        over_cap: set[tuple[str, int]] = set()  # (variant, completions) already over the cap at a shorter prompt
+        for completions, prompt_length in itertools.product(settings.completions, sorted(settings.prompt_lengths)):
+            stream.offset = 0  # every cell starts from the same text: cells differ only in their lengths
+            texts = cell_texts(settings, tokenizer, prompt_length, completions, stream)
+            cell_runs = {}
+            for variant in settings.variants:
+                if (variant, completions) in over_cap:
+                    cell_runs[variant] = SweepRun(kind, prompt_length, completions, variant, SKIPPED)
+                else:
+                    cell_runs[variant] = run_variant(
+                        settings, kind, variant, model, tokenizer, texts, prompt_length, completions
+                    )
+                    if cell_runs[variant].status != OK:
+                        over_cap.add((variant, completions))
+                run = cell_runs[variant]
+                seconds = "-" if run.seconds_per_step is None else f"{run.seconds_per_step:.2f} s/step"
+                log(f"  {kind} L={prompt_length} n={completions} {variant:>8}: {run.status}, {seconds}")
+            if kind == "grpo" and "stock" in cell_runs:  # GRPO's stock trainer logs no counts: ours name them
+                counted = next((r for r in cell_runs.values() if r.stock_tokens_per_step), None)
+                if counted is not None:
+                    cell_runs["stock"].tokens_per_step = counted.stock_tokens_per_step
+            runs.extend(cell_runs.values())
+            cells.append(summarize_cell(cell_runs, predicted_token_ratio(settings, kind, tokenizer, texts)))
+    return {"settings": _settings_dict(settings), "environment": _environment(settings), "cells": cells, "runs": runs}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if not numerator or not denominator else numerator / denominator
+
+
+def summarize_cell(runs: dict[str, SweepRun], predicted: float | None) -> dict[str, Any]:
+    """The cell's limits, speed-ups, shares of the limits, memory ratio and the estimator's prediction error."""
+    any_run = next(iter(runs.values()))
+    stock, unshared, ours = (runs.get(v) for v in SWEEP_VARIANTS)
+
+    def tokens(run):
+        return None if run is None else run.tokens_per_step
+
+    def seconds(run):
+        return None if run is None or run.status != OK else run.seconds_per_step
+
+    def memory(run):
+        return None if run is None or run.status != OK else run.training_memory_mib
+
+    stock_tokens = (ours.stock_tokens_per_step if ours else None) or tokens(stock)
+    token_limit = _ratio(stock_tokens, tokens(ours))
+    unpadded_limit = _ratio(tokens(unshared), tokens(ours))
+    speedup = _ratio(seconds(stock), seconds(ours))
+    sharing_alone = _ratio(seconds(unshared), seconds(ours))
+    memory_ratio = _ratio(memory(stock), memory(ours))
+    # target: ours <= 1.1 x stock / token ratio, i.e. memory_ratio >= token_limit / 1.1
+    in_proportion = None if memory_ratio is None or token_limit is None else memory_ratio * 1.1 >= token_limit
+    return {
+        "kind": any_run.kind,
+        "prompt_length": any_run.prompt_length,
+        "completions": any_run.completions,
+        "status": {v: r.status for v, r in runs.items()},
+        "token_limit": token_limit,
+        "unpadded_limit": unpadded_limit,
+        "speedup": speedup,
+        "share_of_token_limit": _ratio(speedup, token_limit),
+        "sharing_alone": sharing_alone,
+        "share_of_unpadded_limit": _ratio(sharing_alone, unpadded_limit),
+        "memory_ratio": memory_ratio,
+        # target: ours <= 1.1 x stock / token ratio, i.e. memory_ratio >= token_limit / 1.1
+        "memory_in_proportion": in_proportion,
+        "predicted_token_ratio": predicted,
+        "prediction_error": None if predicted is None or token_limit is None else predicted / token_limit - 1,
+    }
+
+
+def _settings_dict(settings: SweepSettings) -> dict[str, Any]:
+    return {**asdict(settings), "shape": asdict(settings.shape)}
+
+
+def _environment(settings: SweepSettings) -> dict[str, Any]:
+    import transformers
+    import trl
+
+    device = settings.resolved_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    return {
+        "device": name,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+
+
+# -- output ---------------------------------------------------------------------------------------------------------
+
+
+def _figure(value: float | None, unit: str = "x") -> str:
+    return "-" if value is None else f"{value:.2f}{unit}"
+
+
+def format_sweep_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'kind':<5}{'L':>7}{'n':>4}  {'status (stock/unshared/ours)':<32}{'token limit':>12}{'speed-up':>10}"
+        f"{'of limit':>9}{'unpadded':>10}{'alone':>8}{'of limit':>9}{'memory':>8}{'estimate':>10}",
+    ]
+    for c in result["cells"]:
+        status = "/".join(c["status"].get(v, "-") for v in SWEEP_VARIANTS)
+        lines.append(
+            f"{c['kind']:<5}{c['prompt_length']:>7}{c['completions']:>4}  {status:<32}{_figure(c['token_limit']):>12}"
+            f"{_figure(c['speedup']):>10}{_figure(c['share_of_token_limit'], ''):>9}"
+            f"{_figure(c['unpadded_limit']):>10}{_figure(c['sharing_alone']):>8}"
+            f"{_figure(c['share_of_unpadded_limit'], ''):>9}{_figure(c['memory_ratio']):>8}"
+            f"{_figure(c['predicted_token_ratio']):>10}"
+        )
+    lines.append(
+        "token limit: stock tokens / ours; unpadded: packed-unshared tokens / ours; alone: unshared s/step / ours; "
+        "memory: stock's peak above the warm-up state / ours; estimate: the estimator's predicted token limit"
+    )
+    return "\n".join(lines)
+
+
+def write_sweep_json(result: dict[str, Any], path: Path) -> None:
+    payload = {**result, "runs": [{**asdict(r), "seconds_per_step": r.seconds_per_step} for r in result["runs"]]}
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """Per kind: speed-up vs prompt length with the token-limit curves, and peak memory vs tokens per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(c["kind"] for c in result["cells"]))
+    figure, axes = plt.subplots(len(kinds), 2, figsize=(13, 4.6 * len(kinds)), squeeze=False)
+    for row, kind in enumerate(kinds):
+        speed, memory = axes[row]
+        cells = [c for c in result["cells"] if c["kind"] == kind]
+        for index, n in enumerate(sorted({c["completions"] for c in cells})):
+            colour = f"C{index}"
+            line = sorted((c for c in cells if c["completions"] == n), key=lambda c: c["prompt_length"])
+            xs = [c["prompt_length"] for c in line]
+            speed.plot(xs, [c["token_limit"] for c in line], "--", color=colour, alpha=0.6)
+            measured = [(c["prompt_length"], c["speedup"]) for c in line if c["speedup"] is not None]
+            if measured:
+                speed.plot(*zip(*measured, strict=True), "o-", color=colour, label=f"n = {n}: ours vs stock")
+            alone = [(c["prompt_length"], c["sharing_alone"]) for c in line if c["sharing_alone"] is not None]
+            if alone:
+                speed.plot(*zip(*alone, strict=True), "s:", color=colour, label=f"n = {n}: ours vs packed-unshared")
+            for c in line:
+                if c["speedup"] is None and c["token_limit"] is not None:
+                    speed.plot(c["prompt_length"], c["token_limit"], "x", color=colour, ms=9)
+        speed.set_xscale("log", base=2)
+        speed.set_xlabel("prompt tokens")
+        speed.set_ylabel("speed-up over stock TRL (dashed: token limit)")
+        speed.set_title(f"{kind.upper()}: speed-up vs prompt length (x: stock over the cap or out of memory)")
+        if speed.get_legend_handles_labels()[0]:
+            speed.legend(fontsize=8)
+        runs = [r for r in result["runs"] if r.kind == kind and r.training_memory_mib and r.tokens_per_step]
+        for variant, marker in (("stock", "s"), ("unshared", "^"), ("ours", "o")):
+            points = [(r.tokens_per_step, r.training_memory_mib) for r in runs if r.variant == variant]
+            if points:
+                memory.scatter(*zip(*points, strict=True), marker=marker, label=variant)
+        memory.set_xscale("log")
+        memory.set_yscale("log")
+        memory.set_xlabel("tokens per step")
+        memory.set_ylabel("peak memory above the warm-up state (MiB)")
+        memory.set_title(f"{kind.upper()}: memory vs tokens actually run")
+        if memory.get_legend_handles_labels()[0]:
+            memory.legend(fontsize=8)
+    env = result["environment"]
+    figure.suptitle(f"{env['device']}, {env['dtype']}; torch {env['torch']}, transformers {env['transformers']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
