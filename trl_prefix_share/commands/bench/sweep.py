@@ -18,11 +18,14 @@ spends time generating and the whole step is the training side (policy forward a
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,6 +185,34 @@ class TimeCap(TrainerCallback):
             control.should_training_stop = True
 
 
+class _OverTimeCap(Exception):
+    """Raised inside a step that is still running when the run's time is up."""
+
+
+@contextlib.contextmanager
+def _hard_time_limit(seconds: float | None):
+    """Interrupt a run (even inside one long step) once ``seconds`` have passed: a cell stock cannot finish in time is
+    reported, and the sweep's own time stays bounded. Needs SIGALRM (Linux, macOS; main thread); elsewhere the cap is
+    checked between steps only (`TimeCap`)."""
+    usable = (
+        seconds is not None and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _OverTimeCap
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3) * 1.5)  # the step cap first, this one as the backstop
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _common_config(settings: SweepSettings, output_dir: str, batch: int, max_length: int) -> dict[str, Any]:
     fields: dict[str, Any] = dict(
         output_dir=output_dir,
@@ -269,9 +300,12 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
         trainer.add_callback(timer)
         trainer.add_callback(cap)
         try:
-            trainer.train()
+            with _hard_time_limit(settings.time_cap_s):
+                trainer.train()
         except torch.OutOfMemoryError:
             run.status = OUT_OF_MEMORY
+        except _OverTimeCap:
+            run.status = OVER_TIME_CAP
         else:
             run.status = OVER_TIME_CAP if cap.hit else OK
         if len(timer.wall) > settings.warmup:

@@ -1,8 +1,9 @@
 """CUDA kernel: FlexAttention with a BlockMask built from the packed layout.
 
 The block mask is built once per step per sliding-window size and shared by all layers and by the policy and
-reference forwards. ``flex_attention`` is compiled once with dynamic shapes, so new row lengths do not recompile
-(with ``dynamic=False`` it recompiles per length and silently falls back to eager after the cache limit).
+reference forwards, from per-block summaries of the layout (``block_sparsity``: no dense ``[T, T]`` mask).
+``flex_attention`` is compiled once with dynamic shapes, so new row lengths do not recompile (with
+``dynamic=False`` it recompiles per length and silently falls back to eager after the cache limit).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from functools import lru_cache
 
 import torch
 
+from trl_prefix_share.core.attention.block_sparsity import layout_block_mask
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
 
 
@@ -50,7 +52,10 @@ def build_block_mask(layout: PackedAttentionLayout, sliding_window: int | None, 
                 same_image = same_image & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
             return causal_mask_mod(b, h, q_idx, kv_idx) | same_image
 
-    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
+        # Inside an image keys may follow their query: the per-block causal rule does not hold. Image prompts are
+        # short next to the long text prompts the block summaries are for, so the dense construction serves them.
+        return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    return layout_block_mask(doc, branch, pos, sliding_window, mask_mod)
 
 
 def packed_flex_attention(
