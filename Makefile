@@ -77,7 +77,8 @@ model-table: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/trl-prefix-share bench
 
-# On a CUDA machine (bring its torch: `make TORCH= gpu-check`): the GPU tests and the GPU benchmark (bf16,
+# On a CUDA machine (bring its torch: `make TORCH= gpu-check`): the GPU tests, the scaling sweep's CUDA grid (2k and
+# 16k-token prompts, 16 completions, DPO and GRPO, each run capped at 20 s + 1.5x) and the GPU benchmark (bf16,
 # FlexAttention, a Qwen2.5-0.5B-shaped model, stock vs packed-unshared vs ours on hh_harmless and ultrafeedback),
 # sized for under 8 minutes; figures land in gpu-check/ (bench_dpo_gpu.json, logs).
 gpu-check: $(STAMP)
@@ -87,6 +88,9 @@ gpu-check: $(STAMP)
 	set -o pipefail; $(BIN)/trl-prefix-share bench --model-preset qwen2.5-0.5b --trainer dpo \
 		--dataset hh_harmless ultrafeedback --variants stock unshared ours --batch-size 8 --steps 3 --warmup 1 \
 		--rounds 1 --device cuda --json gpu-check/bench_dpo_gpu.json 2>&1 | tee gpu-check/bench.log
+	set -o pipefail; $(BIN)/trl-prefix-share bench --sweep --model-preset qwen2.5-0.5b --trainer dpo grpo \
+		--prompt-lengths 2048 16384 --completions 16 --completion-length 64 --steps 1 --time-cap 20 --device cuda \
+		--json gpu-check/sweep_gpu.json --plot gpu-check/sweep_gpu.png 2>&1 | tee gpu-check/sweep.log
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock .pytest_cache .ruff_cache .hypothesis

@@ -62,7 +62,12 @@ PRESETS: dict[str, ModelShape] = {
 
 
 def build_model_dir(
-    shape: ModelShape, tokenizer: PreTrainedTokenizerBase, reward: bool, seed: int, dtype: torch.dtype
+    shape: ModelShape,
+    tokenizer: PreTrainedTokenizerBase,
+    reward: bool,
+    seed: int,
+    dtype: torch.dtype,
+    max_positions: int = 4096,
 ) -> str:
     """Save a randomly initialised model of ``shape`` (and the tokenizer) to a temporary directory; return its path.
 
@@ -76,7 +81,7 @@ def build_model_dir(
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
         num_labels=1,
         tie_word_embeddings=shape.tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,

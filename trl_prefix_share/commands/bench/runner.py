@@ -205,8 +205,8 @@ def whole_file_tokens(
     )
 
 
-def environment(settings: BenchSettings) -> dict[str, Any]:
-    """Versions and hardware, for the report."""
+def environment(settings: Any) -> dict[str, Any]:
+    """Versions and hardware, for the report (of any settings with a ``resolved_device()``)."""
     import transformers
     import trl
 

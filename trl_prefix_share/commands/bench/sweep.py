@@ -40,6 +40,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl_prefix_share.commands.bench.data import load_rows
 from trl_prefix_share.commands.bench.measure import PeakMemory, StepTimer, TokenCountingCollator, intervals
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
+from trl_prefix_share.commands.bench.runner import environment
 
 SWEEP_KINDS = ("dpo", "grpo")
 SWEEP_VARIANTS = ("stock", "unshared", "ours")
@@ -348,7 +349,10 @@ def predicted_token_ratio(settings: SweepSettings, kind: str, tokenizer, texts) 
 def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
     """Every cell of the grid; the variants of a cell run one after the other on the same model and data."""
     tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
-    model = settings.model or build_model_dir(settings.shape, tokenizer, False, settings.seed, torch.float32)
+    longest = max(settings.prompt_lengths) + settings.completion_length + 64
+    model = settings.model or build_model_dir(
+        settings.shape, tokenizer, False, settings.seed, torch.float32, max_positions=max(4096, longest)
+    )
     needed = max(settings.prompt_lengths) * 4 + max(settings.completions) * settings.completion_length * 4
     stream = TextStream(tokenizer, needed_tokens=needed)
     runs: list[SweepRun] = []
@@ -377,7 +381,7 @@ def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
                     cell_runs["stock"].tokens_per_step = counted.stock_tokens_per_step
             runs.extend(cell_runs.values())
             cells.append(summarize_cell(cell_runs, predicted_token_ratio(settings, kind, tokenizer, texts)))
-    return {"settings": _settings_dict(settings), "environment": _environment(settings), "cells": cells, "runs": runs}
+    return {"settings": _settings_dict(settings), "environment": environment(settings), "cells": cells, "runs": runs}
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -427,22 +431,6 @@ def summarize_cell(runs: dict[str, SweepRun], predicted: float | None) -> dict[s
 
 def _settings_dict(settings: SweepSettings) -> dict[str, Any]:
     return {**asdict(settings), "shape": asdict(settings.shape)}
-
-
-def _environment(settings: SweepSettings) -> dict[str, Any]:
-    import transformers
-    import trl
-
-    device = settings.resolved_device()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    return {
-        "device": name,
-        "dtype": dtype,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-    }
 
 
 # -- output ---------------------------------------------------------------------------------------------------------
