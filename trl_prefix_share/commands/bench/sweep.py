@@ -11,8 +11,9 @@ measured one.
 
 Data, synthetic from real text: one stream of tokens of UltraFeedback's responses (the shared data), from which each
 prompt takes L consecutive tokens and each completion R tokens (decoded to text, so the trainers tokenize them as
-usual; a row's counts may differ from L and R by a token at the joins). Every prompt and every completion of a cell is
-a different stretch of text. GRPO's completions come from a `rollout_func` that returns those tokens, so no step
+usual; a row's counts may differ from L and R by a few tokens, decoded text re-tokenizing a little differently). Each
+prompt ends in "\n\nAnswer:" and each completion starts with a space, so no token merges across the boundary.
+Every prompt and every completion of a cell is a different stretch of text. GRPO's completions come from a `rollout_func` that returns those tokens, so no step
 spends time generating and the whole step is the training side (policy forward and backward, optimizer).
 """
 
@@ -121,13 +122,21 @@ class TextStream:
         return self.tokenizer.decode(ids.tolist())
 
 
+#: Every prompt ends in this text and every completion starts with a space, so no token merges across the
+#: boundary: the prompt's tokens alone are the first tokens of prompt + completion, for every completion (TRL warns
+#: and moves the boundary otherwise, and prompts that differ in their last token would not be shared).
+PROMPT_END_TEXT = "\n\nAnswer:"
+
+
 def cell_texts(settings: SweepSettings, tokenizer, prompt_length: int, completions: int, stream: TextStream):
     """Prompts (one per step, times `prompts_per_step`) and each prompt's `completions` completion texts."""
     prompts = settings.prompts_per_step * (settings.warmup + settings.steps)
     texts = []
+    ending = len(tokenizer(PROMPT_END_TEXT, add_special_tokens=False)["input_ids"])
     for _ in range(prompts):
-        prompt = stream.take(prompt_length)
-        texts.append((prompt, ["\n" + stream.take(settings.completion_length) for _ in range(completions)]))
+        prompt = stream.take(prompt_length - ending).rstrip() + PROMPT_END_TEXT
+        responses = [" " + stream.take(settings.completion_length).strip() for _ in range(completions)]
+        texts.append((prompt, responses))
     return texts
 
 
@@ -170,7 +179,8 @@ def sweep_reward(completions, **kwargs) -> list[float]:
 
 
 class TimeCap(TrainerCallback):
-    """Stops a run once its steps have taken longer than the cap (the step running then finishes first)."""
+    """Stops a run once its steps have taken longer than the cap (the step running then finishes first); a run whose
+    last step ends past the cap has finished and counts as measured."""
 
     def __init__(self, cap_s: float | None) -> None:
         self.cap_s = cap_s
@@ -181,7 +191,8 @@ class TimeCap(TrainerCallback):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.cap_s is not None and time.perf_counter() - self.started > self.cap_s:
+        remaining = state.global_step < state.max_steps  # the last step done: the run finished, within the cap or not
+        if self.cap_s is not None and remaining and time.perf_counter() - self.started > self.cap_s:
             self.hit = True
             control.should_training_stop = True
 
