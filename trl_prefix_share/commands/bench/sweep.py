@@ -13,8 +13,9 @@ Data, synthetic from real text: one stream of tokens of UltraFeedback's response
 prompt takes L consecutive tokens and each completion R tokens (decoded to text, so the trainers tokenize them as
 usual; a row's counts may differ from L and R by a few tokens, decoded text re-tokenizing a little differently). Each
 prompt ends in "\n\nAnswer:" and each completion starts with a space, so no token merges across the boundary.
-Every prompt and every completion of a cell is a different stretch of text. GRPO's completions come from a `rollout_func` that returns those tokens, so no step
-spends time generating and the whole step is the training side (policy forward and backward, optimizer).
+Every prompt and every completion of a cell is a different stretch of text. GRPO's completions come from a
+`rollout_func` that returns those tokens, so no step spends time generating and the whole step is the training side
+(policy forward and backward, optimizer).
 """
 
 from __future__ import annotations
