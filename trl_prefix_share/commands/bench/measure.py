@@ -21,6 +21,13 @@ from trl_prefix_share.core.packing import PACKED_KEY
 _STATUS = Path("/proc/self/status")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; any other name as torch spells it (``cpu``, ``cuda:1``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def stock_batch_tokens(batch: dict[str, Any]) -> int:
     """Tokens of the padded batch stock TRL runs: ``[chosen; rejected]`` stacked to the longer width."""
     if "chosen_input_ids" in batch:  # ORPO / CPO: chosen and rejected are padded separately, then stacked

@@ -25,6 +25,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from trl_prefix_share.commands.bench.data import dataset_label, load_rows
+from trl_prefix_share.commands.bench.measure import resolve_device
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
 from trl_prefix_share.commands.prompt_sets import prompt_only_rows, prompt_token_ids
 
@@ -62,9 +63,7 @@ class OnlineSettings:
     device: str = "auto"
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 @dataclass

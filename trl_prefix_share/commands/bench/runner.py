@@ -21,7 +21,7 @@ from trl_prefix_share.commands.bench.data import (
     sample_rows,
     trainable_rows,
 )
-from trl_prefix_share.commands.bench.measure import PeakMemory, TokenCountingCollator, measured_train
+from trl_prefix_share.commands.bench.measure import PeakMemory, TokenCountingCollator, measured_train, resolve_device
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
 from trl_prefix_share.commands.bench.trainers import VARIANTS, make_trainer
 from trl_prefix_share.commands.bench.vision import (
@@ -65,9 +65,7 @@ class BenchSettings:
         return self.shape.describe()
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 @dataclass

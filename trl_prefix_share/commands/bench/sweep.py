@@ -40,7 +40,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from trl_prefix_share.commands.bench.data import load_rows
-from trl_prefix_share.commands.bench.measure import PeakMemory, StepTimer, TokenCountingCollator, intervals
+from trl_prefix_share.commands.bench.measure import (
+    PeakMemory,
+    StepTimer,
+    TokenCountingCollator,
+    intervals,
+    resolve_device,
+)
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
 from trl_prefix_share.commands.bench.runner import environment
 
@@ -70,9 +76,7 @@ class SweepSettings:
     device: str = "auto"
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 @dataclass
