@@ -208,7 +208,8 @@ class _OverTimeCap(Exception):
 
 @contextlib.contextmanager
 def _hard_time_limit(seconds: float | None):
-    """Interrupt a run (even inside one long step) once ``seconds`` have passed: a cell stock cannot finish in time is
+    """Interrupt a run (even inside one long step) at 1.5 x ``seconds`` (at least 1 s; `TimeCap` stops it between
+    steps at ``seconds``): a cell stock cannot finish in time is
     reported, and the sweep's own time stays bounded. Needs SIGALRM (Linux, macOS; main thread); elsewhere the cap is
     checked between steps only (`TimeCap`)."""
     usable = (
@@ -222,7 +223,7 @@ def _hard_time_limit(seconds: float | None):
         raise _OverTimeCap
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3) * 1.5)  # the step cap first, this one as the backstop
+    signal.setitimer(signal.ITIMER_REAL, max(1.5 * seconds, 1.0))  # the step cap first, this one as the backstop
     try:
         yield
     finally:
