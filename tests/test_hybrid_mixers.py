@@ -15,12 +15,20 @@ import pytest
 import torch
 from conftest import load_dataset_rows, save_tiny_model
 from datasets import Dataset
-from equivalence import EQUIVALENCE_DTYPE, assert_equivalent, first_batch, perturb, relative_difference
+from equivalence import (
+    EQUIVALENCE_DTYPE,
+    RELATIVE_TOLERANCE,
+    assert_equivalent,
+    first_batch,
+    perturb,
+    relative_difference,
+)
 from test_model_registry import FAMILY_FIELDS
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from trl_prefix_share.core.mixers import segmented
+from trl_prefix_share.core.mixers import ragged_kernels, segmented
 from trl_prefix_share.core.mixers.kinds import left_padding_keeps_zero_state, mixer_verdict
+from trl_prefix_share.core.mixers.ragged_plan import build_ragged_plan
 from trl_prefix_share.core.mixers.segments import build_segments
 from trl_prefix_share.core.model_structure import inspect_model
 from trl_prefix_share.core.packing import PACKED_KEY
@@ -140,11 +148,32 @@ def dpo_pair(saved, family, tokenizer, rows, **config):
     return stock, ours
 
 
+#: Families whose mixers run on the packed tokens without padding (`core/mixers/ragged.py`); the others run padded
+#: batches of segments.
+RAGGED = {"lfm2", "lfm2_biased", "qwen3_5_text", "qwen3_next"}
+
+
+def count_runs(monkeypatch) -> dict[str, int]:
+    """How often each mixer run (ragged, padded) is taken from now on."""
+    counts = {"run_ragged": 0, "run_segmented": 0}
+    for name in counts:
+        original = getattr(segmented, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(segmented, name, counted)
+    return counts
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dpo_matches_stock(family, saved, tokenizer, hh_rows):
-    """Prefixes of several lengths in left-padded calls (bias-free mixers, and Mamba2, which masks again after its
-    biased convolution), or grouped by length (LFM2 with biases)."""
+def test_dpo_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
+    """Convolution and gated-delta mixers on the packed tokens (no padding); the others in padded calls: prefixes of
+    several lengths left-padded (bias-free mixers, and Mamba2, which masks again after its biased convolution) or
+    grouped by length (biased ones)."""
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
+    runs = count_runs(monkeypatch)
     mixers = [(m, v) for m, v in ((m, mixer_verdict(m)) for m in ours.model.modules()) if v is not None]
     assert {verdict.kind for _, verdict in mixers} == {KINDS[family]}
     left_padded = {left_padding_keeps_zero_state(module, verdict) for module, verdict in mixers}
@@ -154,6 +183,8 @@ def test_dpo_matches_stock(family, saved, tokenizer, hh_rows):
     assert packed["input_ids"].size(0) < stock_batch["input_ids"].size(0)  # several documents per row
     assert packed["input_ids"].numel() < stock_batch["input_ids"].numel()
     compare(stock, ours, stock_batch, our_batch)
+    ragged, padded = runs["run_ragged"], runs["run_segmented"]
+    assert (ragged > 0, padded > 0) == ((True, False) if family in RAGGED else (False, True)), runs
 
 
 def test_k_branches_per_prompt_match_stock(saved, tokenizer, shared_prompt_rows, monkeypatch):
@@ -170,35 +201,61 @@ def test_k_branches_per_prompt_match_stock(saved, tokenizer, shared_prompt_rows,
     assert_equivalent(stock, ours, stock_batch, our_batch)
 
 
-def test_gradient_checkpointing_recomputes_the_segmented_mixers(saved, tokenizer, hh_rows, monkeypatch):
-    """The layout reaches each mixer through the layer's keyword arguments, which checkpointing replays."""
-    stock, ours = dpo_pair(saved, "lfm2", tokenizer, hh_rows)
+@pytest.mark.parametrize(("family", "run"), [("lfm2", "run_ragged"), ("nemotron_h", "run_segmented")])
+def test_gradient_checkpointing_recomputes_the_segmented_mixers(family, run, saved, tokenizer, hh_rows, monkeypatch):
+    """The layout reaches each mixer through the layer's keyword arguments, which checkpointing replays (the ragged
+    run's forward copy included)."""
+    stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
     for trainer in (stock, ours):
         trainer.model.gradient_checkpointing_enable()  # what `train()` does with `gradient_checkpointing=True`
-    calls = []
-    original = segmented.run_segmented
-    monkeypatch.setattr(segmented, "run_segmented", lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    runs = count_runs(monkeypatch)
     assert_equivalent(stock, ours, first_batch(stock, 4), first_batch(ours, 4))
-    assert len(calls) == 3  # the policy forward, the reference forward, and the policy's recomputation
+    assert runs[run] == 3  # the policy forward, the reference forward, and the policy's recomputation
 
 
-def test_a_branch_without_its_prefix_state_is_caught(saved, tokenizer, hh_rows, monkeypatch):
-    """The comparison can fail: branches that start from a zero state (their prefix's state dropped) move the loss
-    far past the tolerance."""
-    stock, ours = dpo_pair(saved, "qwen3_5_text", tokenizer, hh_rows)
+def without_prefix_state(document_ids, branch_ids, left_padded):
+    """Padded run, planted fault: every branch starts from a zero state."""
+    segments = build_segments(document_ids, branch_ids, left_padded)
+    return dataclasses.replace(segments, branch_parent=torch.zeros_like(segments.branch_parent))
+
+
+def ragged_without_prefix_state(document_ids, branch_ids):
+    """Ragged run, planted fault: every branch starts from a zero state (its prefix's state not handed over)."""
+    plan = build_ragged_plan(document_ids, branch_ids)
+    return dataclasses.replace(plan, parents=torch.full_like(plan.parents, -1), _built={})
+
+
+def ragged_without_boundaries(document_ids, branch_ids):
+    """Ragged run, planted fault: the boundaries are not passed, so each packed row is one sequence and every
+    document's state leaks into the next one's."""
+    real = (document_ids >= 0).long()
+    return build_ragged_plan(real - 1, torch.zeros_like(branch_ids).masked_fill(real == 0, -1))
+
+
+@pytest.mark.parametrize(
+    ("family", "target", "fault"),
+    [
+        ("nemotron_h", "build_segments", without_prefix_state),
+        ("qwen3_5_text", "build_ragged_plan", ragged_without_prefix_state),
+        ("qwen3_5_text", "build_ragged_plan", ragged_without_boundaries),
+        ("lfm2", "build_ragged_plan", ragged_without_boundaries),
+    ],
+    ids=["padded-no-prefix-state", "ragged-no-prefix-state", "ragged-no-boundaries", "conv-no-boundaries"],
+)
+def test_a_lost_state_or_boundary_is_caught(family, target, fault, saved, tokenizer, hh_rows, monkeypatch):
+    """The comparison can fail: branches that start from a zero state, or documents whose state leaks into the next
+    (the known trap of variable-length kernels), move the loss far past the tolerance (a short convolution's leak
+    reaches only its kernel's first tokens after a boundary: 2e-3 of the loss, 200x the tolerance)."""
+    stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
     stock_batch, our_batch = first_batch(stock, 4), first_batch(ours, 4)
     from equivalence import loss_and_grads
 
     expected, _, _ = loss_and_grads(stock, stock_batch)
-    original = segmented.build_segments
-
-    def without_prefix_state(document_ids, branch_ids, left_padded):
-        segments = original(document_ids, branch_ids, left_padded)
-        return dataclasses.replace(segments, branch_parent=torch.zeros_like(segments.branch_parent))
-
-    monkeypatch.setattr(segmented, "build_segments", without_prefix_state)
+    monkeypatch.setattr(segmented, target, fault)
+    runs = count_runs(monkeypatch)
     broken, _, _ = loss_and_grads(ours, our_batch)
-    assert relative_difference(broken, expected) > 1e-2
+    assert runs["run_ragged" if target == "build_ragged_plan" else "run_segmented"] > 0
+    assert relative_difference(broken, expected) > 100 * RELATIVE_TOLERANCE
 
 
 def test_mixer_kinds_are_read_from_their_code():
@@ -319,6 +376,7 @@ def run_kernel_in_float64(monkeypatch, module, name: str = "torch_chunk_gated_de
     namespace = dict(vars(module))
     exec(source.replace("torch.float32", "torch.float64"), namespace)  # noqa: S102 - transformers' own source
     monkeypatch.setattr(module, name, namespace[name])
+    monkeypatch.setattr(ragged_kernels, "COMPUTE_DTYPE", torch.float64)  # the ragged scan alike
 
 
 def test_the_float32_kernel_is_the_whole_difference(saved, tokenizer, hh_rows, monkeypatch):

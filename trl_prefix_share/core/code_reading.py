@@ -191,3 +191,20 @@ def calls_attribute(module_class: type, attribute: str) -> bool:
 def calls_passing_kwargs(module_class: type, attribute: str) -> bool:
     """Whether ``module_class.forward`` calls ``self.<attribute>(...)`` handing its ``**kwargs`` on."""
     return any(any(keyword.arg is None for keyword in call.keywords) for call in _calls_of(module_class, attribute))
+
+
+def function_facts(function: Callable, depth: int = MAX_DEPTH) -> CodeFacts:
+    """`CodeFacts` of a plain function (a module-level helper) and the helpers it calls, ``depth`` calls deep."""
+    plain = plain_function(function)
+    if plain is None:
+        return CodeFacts(Counter(), frozenset(), ())
+    return _facts_of([(plain, None)], depth)
+
+
+def body_calls(function: Callable) -> list[ast.Call] | None:
+    """Every call in a function's body (its decorators left out); None where its source cannot be read."""
+    plain = plain_function(function)
+    tree = _syntax_tree(plain) if plain is not None else None
+    if tree is None or not tree.body or not isinstance(tree.body[0], ast.FunctionDef | ast.AsyncFunctionDef):
+        return None
+    return [node for statement in tree.body[0].body for node in ast.walk(statement) if isinstance(node, ast.Call)]

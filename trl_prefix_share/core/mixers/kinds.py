@@ -102,6 +102,11 @@ def _classify(module_class: type) -> MixerVerdict | None:
     return MixerVerdict(name, kind=kind)
 
 
+def class_verdict(module_class: type) -> MixerVerdict | None:
+    """The verdict on a layer class (None: it keeps no state in transformers' cache)."""
+    return _classify(module_class)
+
+
 def mixer_verdict(module: torch.nn.Module) -> MixerVerdict | None:
     """The verdict on a module that keeps a per-sequence state in transformers' cache; None for any other module."""
     return _classify(type(module))

@@ -10,6 +10,7 @@ every mixer layer and the reference forward share them.
 
 from __future__ import annotations
 
+import logging
 import types
 from typing import Any
 
@@ -18,8 +19,12 @@ import torch
 from trl_prefix_share.core.attention import is_packed_forward_active
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
 from trl_prefix_share.core.mixers.kinds import left_padding_keeps_zero_state, mixer_verdict
+from trl_prefix_share.core.mixers.ragged import RaggedUnsupported, instance_recipe, run_ragged
+from trl_prefix_share.core.mixers.ragged_plan import build_ragged_plan
 from trl_prefix_share.core.mixers.segments import MixerSegments, SegmentBatch, build_segments
 from trl_prefix_share.core.mixers.state_carrier import StateCarrier
+
+logger = logging.getLogger(__name__)
 
 _MARK = "_prefix_share_segmented"
 LAYOUT_KEYWORD = "prefix_share_layout"
@@ -125,8 +130,29 @@ def _segmented_forward(module: torch.nn.Module, hidden_states: torch.Tensor | No
     for name in ("cache", "cache_params", "attention_mask"):
         kwargs.pop(name, None)  # the layout replaces the padding mask; MoE token weights are not a mask
     layout.mixer_calls += 1
+    recipe = instance_recipe(module, original) if type(module) not in _PADDED else _PADDED[type(module)]
+    if not isinstance(recipe, str):
+        plan = layout.cached("ragged_plan", lambda: build_ragged_plan(layout.document_ids, layout.branch_ids))
+        try:
+            return run_ragged(module, hidden_states, plan, recipe, **kwargs)
+        except RaggedUnsupported as reason:
+            recipe = f"{type(module).__name__}: {reason}"
+            _PADDED[type(module)] = recipe
+    _note_padded(type(module), recipe)
     left_padded = left_padding_keeps_zero_state(module, mixer_verdict(module))
     return run_segmented(original, hidden_states, segments_of(layout, hidden_states.device, left_padded), **kwargs)
+
+
+#: Mixer classes a ragged call was refused for at run time, with the reason (they take the padded run from then on).
+_PADDED: dict[type, str] = {}
+_NOTED: set[str] = set()
+
+
+def _note_padded(module_class: type, reason: str) -> None:
+    """Say once per reason why a mixer takes the padded run (exact, but computing padded slots)."""
+    if reason not in _NOTED:
+        _NOTED.add(reason)
+        logger.info("Prefix sharing runs %s on padded segments: %s", module_class.__name__, reason)
 
 
 setattr(_segmented_forward, _MARK, True)

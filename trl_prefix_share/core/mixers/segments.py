@@ -68,7 +68,7 @@ class MixerSegments:
         )
 
 
-def _runs(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def token_runs(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Start (flat index), length, document and branch of every run of real tokens with one (document, branch)."""
     width = document_ids.size(1)
     document, branch = document_ids.reshape(-1), branch_ids.reshape(-1)
@@ -125,7 +125,7 @@ def build_segments(document_ids: torch.Tensor, branch_ids: torch.Tensor, left_pa
     the calls of a segmented mixer run; ``left_padded``: prefixes in left-padded length buckets (for mixers whose
     state stays zero over zeroed padding), else one unpadded call per prefix length."""
     document_ids, branch_ids = document_ids.cpu(), branch_ids.cpu()
-    starts, lengths, documents, branches = _runs(document_ids, branch_ids)
+    starts, lengths, documents, branches = token_runs(document_ids, branch_ids)
     is_prefix = branches == 0
     prefix_starts, prefix_lengths = starts[is_prefix], lengths[is_prefix]
     prefix_length_list = prefix_lengths.tolist()

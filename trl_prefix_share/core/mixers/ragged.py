@@ -1,0 +1,255 @@
+"""Running a gated-delta or short-convolution mixer's own forward once over all packed tokens, without padding.
+
+The padded segmented run (`segmented.run_segmented`) calls a mixer on batches of segments, so every projection and
+the scan compute padded slots, and sharing cuts documents into more, shorter segments than stock's rows. Here the
+mixer's forward runs once on ``[1, N, hidden]``, all packed tokens end to end: its projections, gates and norms see
+only real tokens, and the two calls in it that carry state along the sequence, the causal convolution helper and the
+chunked gated delta rule, are replaced for this call only by ragged versions (`ragged_kernels`) that keep every
+segment to itself and start each branch from its prefix's state (`ragged_plan`).
+
+Which calls those are is read from the forward's code (`ragged_recipe`): the convolution helper is the function it
+calls that reaches ``update_conv_state``; the scan is the called name ending in ``chunk_gated_delta_rule``. Every
+other call in the forward (and in its own methods) must be one that acts on each token alone (a projection, a
+reshape, a gate, a norm); anything else, or a call pattern at run time other than one convolution and one scan,
+leaves the mixer on the padded run, which is exact for any served mixer. The replacement is a copy of the forward
+with its own globals, so nothing outside this call changes, and gradient checkpointing's recomputation (which calls
+the layer again) takes the same path.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import logging
+import types
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trl_prefix_share.core.code_reading import body_calls, function_facts, plain_function
+from trl_prefix_share.core.mixers.kinds import class_verdict
+from trl_prefix_share.core.mixers.ragged_kernels import ragged_causal_conv, ragged_gated_delta_rule
+from trl_prefix_share.core.mixers.ragged_plan import DELTA_CHUNK, RaggedPlan
+
+logger = logging.getLogger(__name__)
+
+#: Mixer kinds whose state lives in a convolution helper and (gated delta) one chunked scan.
+RAGGED_KINDS = ("short_conv", "gated_delta")
+#: Calls a ragged forward may make besides the two it hands over: each acts on every token alone, or only reshapes,
+#: or reads the (absent) cache. A call named otherwise keeps the mixer on the padded run.
+TOKENWISE_CALLS = frozenset(
+    {
+        "apply_mask_to_padding_states",  # zeroes padded positions (none here)
+        "get_recurrent_state",
+        "get_recurrent_states_to_keep",
+        "update_recurrent_state",
+        "has_previous_state",
+        "sigmoid",
+        "softplus",
+        "silu",
+        "exp",
+        "float",
+        "to",
+        "reshape",
+        "view",
+        "transpose",
+        "contiguous",
+        "split",
+        "tensor_split",
+        "chunk",
+        "cat",
+        "unsqueeze",
+        "squeeze",
+        "size",
+        "len",
+        "min",
+        "max",
+        "range",
+        "append",
+        "pop",
+        "get",
+    }
+)
+#: Activations the ragged convolution applies (those transformers' and causal-conv1d's helpers accept).
+_ACTIVATIONS = (None, "silu", "swish")
+_SCAN_SUFFIX = "chunk_gated_delta_rule"
+_STEP_SUFFIX = "recurrent_gated_delta_rule"
+#: How deep the forward's own methods (``self.helper(...)``) are followed.
+_METHOD_DEPTH = 2
+
+
+class RaggedUnsupported(Exception):
+    """This mixer (or this call) cannot take the ragged run; the padded segmented run is used instead."""
+
+
+@dataclass(frozen=True)
+class RaggedRecipe:
+    """What to replace in a mixer class's forward: the convolution helper's global name, the scan kernel's (None for
+    a convolution-only mixer), kernels that must not be reached (the one-token step), and the submodules the forward
+    calls (each must act per token, checked on the instance)."""
+
+    conv_helper: str
+    scan_kernel: str | None
+    refused: tuple[str, ...]
+    submodules: tuple[str, ...]
+
+
+def _called_name(call: ast.Call) -> tuple[str | None, str | None]:
+    """(global name, None) for ``f(...)``; (None, attribute) for ``obj.attr(...)``; ``self.attr`` is marked 'self.'."""
+    if isinstance(call.func, ast.Name):
+        return call.func.id, None
+    if isinstance(call.func, ast.Attribute):
+        owner = call.func.value
+        prefix = "self." if isinstance(owner, ast.Name) and owner.id == "self" else ""
+        return None, prefix + call.func.attr
+    return None, None
+
+
+def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> None:
+    """Sort every call of ``function`` into ``found``; raise RaggedUnsupported with the first disallowed one."""
+    calls = body_calls(function)
+    if calls is None:
+        raise RaggedUnsupported(
+            f"the source of {module_class.__name__}.{getattr(function, '__name__', '?')} is unreadable"
+        )
+    plain = plain_function(function)
+    for call in calls:
+        global_name, attribute = _called_name(call)
+        if attribute is not None and attribute.startswith("self."):
+            name = attribute[len("self.") :]
+            method = plain_function(inspect.getattr_static(module_class, name, None))
+            if method is None:
+                found["submodules"].add(name)
+            elif depth < _METHOD_DEPTH:
+                _read_calls(module_class, method, found, depth + 1)
+            else:
+                raise RaggedUnsupported(f"{module_class.__name__}.{name} nests too deep to read")
+            continue
+        if attribute is not None:
+            if attribute not in TOKENWISE_CALLS:
+                raise RaggedUnsupported(f"{module_class.__name__} calls `{attribute}`")
+            continue
+        if global_name is None:
+            raise RaggedUnsupported(f"{module_class.__name__} makes a call the ragged run cannot read")
+        target = plain.__globals__.get(global_name) if plain is not None else None
+        if global_name.endswith(_SCAN_SUFFIX):
+            found["scan"].add(global_name)
+        elif global_name.endswith(_STEP_SUFFIX):
+            found["refused"].add(global_name)
+        elif target is not None and function_facts(target).calls_any("update_conv_state"):
+            found["conv"].add(global_name)
+        elif global_name not in TOKENWISE_CALLS:
+            raise RaggedUnsupported(f"{module_class.__name__} calls `{global_name}`")
+
+
+@functools.cache
+def ragged_recipe(module_class: type) -> RaggedRecipe | str:
+    """The recipe for a mixer class, or the reason it stays on the padded run."""
+    verdict = class_verdict(module_class)
+    if verdict is None or verdict.kind not in RAGGED_KINDS:
+        return f"{module_class.__name__}: the ragged run serves {', '.join(RAGGED_KINDS)} mixers only"
+    found: dict[str, set] = {"conv": set(), "scan": set(), "refused": set(), "submodules": set()}
+    try:
+        _read_calls(module_class, module_class.forward, found, 0)
+    except RaggedUnsupported as reason:
+        return str(reason)
+    if len(found["conv"]) != 1:
+        return f"{module_class.__name__}: expected one convolution helper, found {sorted(found['conv'])}"
+    wants_scan = verdict.kind == "gated_delta"
+    if len(found["scan"]) != int(wants_scan):
+        return f"{module_class.__name__}: expected {int(wants_scan)} chunked scan(s), found {sorted(found['scan'])}"
+    scan = next(iter(found["scan"]), None)
+    return RaggedRecipe(
+        next(iter(found["conv"])), scan, tuple(sorted(found["refused"])), tuple(sorted(found["submodules"]))
+    )
+
+
+def _acts_per_token(module: torch.nn.Module) -> bool:
+    """A projection (LoRA-wrapped too), dropout, identity or normalisation over features: no mixing along time."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if isinstance(base, torch.nn.Linear | torch.nn.Dropout | torch.nn.Identity | torch.nn.LayerNorm | torch.nn.RMSNorm):
+        return True
+    return "Norm" in type(base).__name__ and not any(isinstance(m, torch.nn.Conv1d) for m in base.modules())
+
+
+def instance_recipe(module: torch.nn.Module, original_forward: Any) -> RaggedRecipe | str:
+    """The class's recipe if this instance can take it: its forward is still the class's (no hook wrapped it), no
+    accelerate hook moves its weights, and every submodule the forward calls acts per token."""
+    recipe = ragged_recipe(type(module))
+    if isinstance(recipe, str):
+        return recipe
+    if getattr(original_forward, "__func__", None) is not type(module).forward:
+        return f"{type(module).__name__}: its forward was wrapped after loading"
+    if any(hasattr(sub, "_hf_hook") for sub in module.modules()):
+        return f"{type(module).__name__}: accelerate hooks place its weights"
+    for name in recipe.submodules:
+        sub = getattr(module, name, None)
+        if not isinstance(sub, torch.nn.Module) or not _acts_per_token(sub):
+            return f"{type(module).__name__}.{name} is not a per-token layer"
+    return recipe
+
+
+def _depthwise(conv: torch.nn.Module) -> torch.nn.Conv1d:
+    if not (
+        isinstance(conv, torch.nn.Conv1d)
+        and conv.groups == conv.in_channels == conv.out_channels
+        and conv.stride == (1,)
+        and conv.dilation == (1,)
+    ):
+        raise RaggedUnsupported(f"{type(conv).__name__} is not a depthwise causal convolution")
+    return conv
+
+
+def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: RaggedPlan, recipe: RaggedRecipe, **kwargs):
+    """The mixer's output for every packed position from one call of its forward over all packed tokens."""
+    calls: Counter = Counter()
+
+    def conv_helper(conv, inputs, *_args, activation=None, **_kwargs):
+        calls["conv"] += 1
+        conv = _depthwise(conv)
+        if activation not in _ACTIVATIONS:
+            raise RaggedUnsupported(f"convolution activation {activation!r}")
+        gather = plan.conv_gather(conv.kernel_size[0], inputs.device)
+        return ragged_causal_conv(inputs, conv.weight, conv.bias, activation, gather)
+
+    def scan_kernel(
+        query,
+        key,
+        value,
+        g,
+        beta,
+        chunk_size=DELTA_CHUNK,
+        initial_state=None,
+        scale=None,
+        use_qk_l2norm_in_kernel=False,
+        cu_seqlens=None,
+        **extra,
+    ):
+        calls["scan"] += 1
+        if initial_state is not None or cu_seqlens is not None or extra.get("seq_idx") is not None:
+            raise RaggedUnsupported("the scan was handed a state or sequence boundaries of its own")
+        schedule = plan.chunk_schedule(query.device, chunk_size)
+        return ragged_gated_delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm_in_kernel, scale), None
+
+    def refused(*_args, **_kwargs):
+        raise RaggedUnsupported("the forward took its one-token step")
+
+    forward = plain_function(type(module).forward)
+    namespace = dict(forward.__globals__)
+    namespace[recipe.conv_helper] = conv_helper
+    if recipe.scan_kernel is not None:
+        namespace[recipe.scan_kernel] = scan_kernel
+    for name in recipe.refused:
+        namespace[name] = refused
+    patched = types.FunctionType(
+        forward.__code__, namespace, forward.__name__, forward.__defaults__, forward.__closure__
+    )
+    patched.__kwdefaults__ = forward.__kwdefaults__
+    out = patched(module, hidden_states.reshape(1, -1, hidden_states.size(-1)), **kwargs)
+    expected = Counter({"conv": 1, "scan": int(recipe.scan_kernel is not None)})
+    if not isinstance(out, torch.Tensor) or +calls != +expected:
+        raise RaggedUnsupported(f"the forward made {dict(calls)} state-carrying calls, not {dict(+expected)}")
+    return out.view(*hidden_states.shape[:-1], out.size(-1))

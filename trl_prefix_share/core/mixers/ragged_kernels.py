@@ -1,0 +1,124 @@
+"""A causal depthwise convolution and a chunked gated delta rule over packed segments, in plain torch.
+
+They compute what transformers' torch paths (and flash-linear-attention's kernels) compute for one sequence, for many
+sequences of different lengths laid end to end, each from its own initial state: the convolution of a segment sees
+its ``K - 1`` history inputs (a branch: its prefix's last inputs; otherwise zeros), the scan of a segment starts from
+zero or from its prefix's final state. The math is the published chunked form of the gated delta rule (Yang et al.,
+"Gated Delta Networks", 2024): within a chunk a unit lower-triangular system condenses the delta-rule updates, across
+chunks a recurrence carries the ``[d_k, d_v]`` state. Only the kernels' API is shared with transformers, not code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from trl_prefix_share.core.mixers.ragged_plan import ChunkSchedule, ConvGather
+
+#: The precision of the scan. transformers' torch path and fla's kernels compute in float32 whatever the model's
+#: dtype; the float64 equivalence tests raise this together with transformers' own kernel.
+COMPUTE_DTYPE = torch.float32
+#: The epsilon of the query / key L2 normalisation, as transformers' and fla's kernels use.
+L2_EPS = 1e-6
+
+
+def _with_zero_row(tokens: torch.Tensor) -> torch.Tensor:
+    """``[N, ...]`` -> ``[N + 1, ...]``: index ``N`` reads zeros (history before a segment, slots past its end)."""
+    return torch.cat([tokens, tokens.new_zeros((1, *tokens.shape[1:]))])
+
+
+def ragged_causal_conv(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    gather: ConvGather,
+) -> torch.Tensor:
+    """``inputs [1, C, N]`` (all packed tokens) -> ``[1, C, N]``, each segment convolved with its own history.
+
+    ``weight [C, 1, K]`` depthwise. One valid convolution over the gathered sequence; the output is cast back to the
+    inputs' dtype after the activation, as transformers' helper does."""
+    channels = inputs.size(1)
+    source = _with_zero_row(inputs[0].transpose(0, 1))[gather.source]  # [Z, C]
+    convolved = F.conv1d(source.transpose(0, 1)[None].to(weight.dtype), weight, bias, groups=channels)
+    out = _with_zero_row(convolved[0].transpose(0, 1))[gather.output]  # [N, C]
+    if activation is not None:
+        out = ACT2FN[activation](out)
+    return out.transpose(0, 1)[None].to(inputs.dtype)
+
+
+def _l2_normalised(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + L2_EPS)
+
+
+def _chunked(tokens: torch.Tensor, schedule: ChunkSchedule) -> torch.Tensor:
+    """``[N, H, ...]`` -> ``[chunks, H, chunk, ...]`` (zeros in the slots past a segment's end)."""
+    gathered = _with_zero_row(tokens)[schedule.slots]  # [chunks, chunk, H, ...]
+    return gathered.transpose(1, 2)
+
+
+def ragged_gated_delta_rule(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    schedule: ChunkSchedule,
+    use_qk_l2norm: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The gated delta rule's outputs ``[1, N, H_v, d_v]`` for ``query, key [1, N, H_k, d_k]``, ``value [1, N, H_v,
+    d_v]``, log decays ``g`` and write strengths ``beta`` ``[1, N, H_v]``, every segment of ``schedule`` scanned from
+    its own initial state. Key heads serve ``H_v / H_k`` consecutive value heads each; ``scale`` defaults to
+    ``d_k ** -0.5``; tokens in no segment get zeros."""
+    out_dtype = query.dtype
+    value_heads = value.size(2)
+    if key.size(2) != value_heads:
+        repeat = value_heads // key.size(2)
+        query, key = query.repeat_interleave(repeat, dim=2), key.repeat_interleave(repeat, dim=2)
+    query, key, value, g, beta = (x[0].to(COMPUTE_DTYPE) for x in (query, key, value, g, beta))
+    if use_qk_l2norm:
+        query, key = _l2_normalised(query), _l2_normalised(key)
+    query = query * (query.size(-1) ** -0.5 if scale is None else scale)
+    query, key, value = (_chunked(x, schedule) for x in (query, key, value))  # [chunks, H, C, d]
+    g, beta = (_chunked(x, schedule) for x in (g, beta))  # [chunks, H, C]
+
+    chunk = query.size(2)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).tril()
+    decay = g.cumsum(dim=-1)  # log decay from the chunk's start to each slot (constant past a segment's end)
+    pair_decay = (decay[..., :, None] - decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    key_beta = key * beta[..., None]
+    # (I + strictly lower part of A) X = B, with A = (beta k) k^T weighted by the decay between the two slots.
+    system = (key_beta @ key.transpose(-1, -2)) * pair_decay
+    corrected_values = torch.linalg.solve_triangular(system, value * beta[..., None], upper=False, unitriangular=True)
+    state_reads = torch.linalg.solve_triangular(
+        system, key_beta * decay.exp()[..., None], upper=False, unitriangular=True
+    )
+    within = (query @ key.transpose(-1, -2)) * pair_decay
+    query_decayed = query * decay.exp()[..., None]
+    key_to_end = key * (decay[..., -1:] - decay).exp()[..., None]
+    chunk_decay = decay[..., -1].exp()[..., None, None]
+
+    level_sizes = schedule.level_sizes
+    heads, d_k, d_v = query.size(1), query.size(-1), value.size(-1)
+    outputs = []
+    final_states = None
+    for level, steps in enumerate(schedule.steps):
+        if level_sizes[level] == 0:
+            continue
+        zero = level == 0
+        state = query.new_zeros((level_sizes[0], heads, d_k, d_v)) if zero else final_states[schedule.parent_rank]
+        for first, active in steps:
+            rows = slice(first, first + active)
+            current = state[:active]
+            fresh = corrected_values[rows] - state_reads[rows] @ current
+            outputs.append(query_decayed[rows] @ current + within[rows] @ fresh)
+            advanced = current * chunk_decay[rows] + key_to_end[rows].transpose(-1, -2) @ fresh
+            state = advanced if active == state.size(0) else torch.cat([advanced, state[active:]])
+        if level == 0:
+            final_states = state
+    if not outputs:
+        return value.new_zeros((1, schedule.output.numel(), heads, d_v)).to(out_dtype)
+    per_slot = torch.cat(outputs).transpose(1, 2).reshape(-1, heads, d_v)  # [chunks * C, H, d_v]
+    return _with_zero_row(per_slot)[schedule.output][None].to(out_dtype)
