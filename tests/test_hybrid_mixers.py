@@ -96,7 +96,7 @@ KINDS = {
 #: `dt_bias` gradient differs by 1.45e-2 of its own size (3e-8 of the largest gradient), and by 3e-8 when the kernel
 #: runs in float64 (test_the_float32_kernel_is_the_whole_difference). Gradients below GRADIENT_FLOOR x the largest
 #: are therefore compared against that floor; everything else holds 1e-5 of its own size, and a branch started from a
-#: zero state instead of its prefix's moves the loss by > 1e-2 (test_a_branch_without_its_prefix_state_is_caught).
+#: zero state instead of its prefix's moves the loss by > 1e-2 (test_a_lost_state_or_boundary_is_caught).
 GRADIENT_FLOOR = 1e-2
 
 
