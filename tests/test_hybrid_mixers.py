@@ -25,6 +25,7 @@ from equivalence import (
 )
 from test_model_registry import FAMILY_FIELDS
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.lfm2 import modeling_lfm2
 
 from trl_prefix_share.core.mixers import ragged_kernels, segmented
 from trl_prefix_share.core.mixers.kinds import left_padding_keeps_zero_state, mixer_verdict
@@ -32,6 +33,9 @@ from trl_prefix_share.core.mixers.ragged_plan import build_ragged_plan
 from trl_prefix_share.core.mixers.segments import build_segments
 from trl_prefix_share.core.model_structure import inspect_model
 from trl_prefix_share.core.packing import PACKED_KEY
+
+#: transformers >= 5.25's shared convolution helper (a planted forward below calls it as a global, as the models do).
+causal_conv1d_forward = getattr(modeling_lfm2, "causal_conv1d_forward", None)
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 GATED_DELTA = dict(
@@ -280,6 +284,38 @@ def test_mixer_kinds_are_read_from_their_code():
             return state.get_recurrent_state(0) + hidden_states
 
     assert "takes no `cache`" in _classify(StateButNoCache).reason
+
+
+def test_the_unpadded_run_is_read_from_the_forward():
+    """Convolution and gated-delta forwards of the tested releases take the unpadded run; Mamba2 stays padded; a
+    forward with a call that mixes along time, or an instance whose projection was swapped for a convolution, stays
+    on the padded run with the reason named."""
+    from transformers.models.lfm2.configuration_lfm2 import Lfm2Config
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    from trl_prefix_share.core.mixers.ragged import RaggedRecipe, instance_recipe, ragged_recipe
+
+    for served in (Qwen3_5GatedDeltaNet, Qwen3NextGatedDeltaNet, modeling_lfm2.Lfm2ShortConv):
+        recipe = ragged_recipe(served)
+        assert isinstance(recipe, RaggedRecipe), recipe
+        assert recipe.scan_kernel is None if served is modeling_lfm2.Lfm2ShortConv else recipe.scan_kernel
+    assert "serves short_conv, gated_delta mixers only" in ragged_recipe(NemotronHMamba2Mixer)
+
+    if causal_conv1d_forward is not None:  # transformers >= 5.25: the convolution helper that takes the module
+
+        class RunningSum(modeling_lfm2.Lfm2ShortConv):
+            def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+                x = self.in_proj(hidden_states).transpose(-1, -2)[:, : self.conv.in_channels]
+                x = causal_conv1d_forward(self.conv, x, cache, self.layer_idx)
+                return self.out_proj(x.cumsum(-1).transpose(-1, -2))  # mixes along time outside the convolution
+
+        assert ragged_recipe(RunningSum) == "RunningSum calls `cumsum`"
+    layer = modeling_lfm2.Lfm2ShortConv(Lfm2Config(hidden_size=32, num_hidden_layers=2), 0)
+    assert isinstance(instance_recipe(layer, layer.forward), RaggedRecipe)
+    layer.out_proj = torch.nn.Conv1d(32, 32, 3)
+    assert instance_recipe(layer, layer.forward) == "Lfm2ShortConv.out_proj is not a per-token layer"
 
 
 def test_segments_of_a_packed_layout():

@@ -43,9 +43,14 @@ RAGGED_KINDS = ("short_conv", "gated_delta")
 TOKENWISE_CALLS = frozenset(
     {
         "apply_mask_to_padding_states",  # zeroes padded positions (none here)
+        # The cache's methods: the ragged call passes no cache, so the forward skips them.
         "get_recurrent_state",
         "get_recurrent_states_to_keep",
         "update_recurrent_state",
+        "get_conv_state",
+        "update_conv_state",
+        "is_recording_past",
+        "increase_count",
         "has_previous_state",
         "sigmoid",
         "softplus",
@@ -77,6 +82,10 @@ TOKENWISE_CALLS = frozenset(
 _ACTIVATIONS = (None, "silu", "swish")
 _SCAN_SUFFIX = "chunk_gated_delta_rule"
 _STEP_SUFFIX = "recurrent_gated_delta_rule"
+#: transformers <= 5.24 convolves inline: the forward calls the convolution kernel itself (``causal_conv1d_fn(x,
+#: weight [C, K], bias, activation)``) and, on a one-token decode, the in-place update (never reached here).
+_CONV_KERNEL_SUFFIX = "causal_conv1d_fn"
+_CONV_STEP_SUFFIX = "causal_conv1d_update"
 #: How deep the forward's own methods (``self.helper(...)``) are followed.
 _METHOD_DEPTH = 2
 
@@ -87,14 +96,16 @@ class RaggedUnsupported(Exception):
 
 @dataclass(frozen=True)
 class RaggedRecipe:
-    """What to replace in a mixer class's forward: the convolution helper's global name, the scan kernel's (None for
-    a convolution-only mixer), kernels that must not be reached (the one-token step), and the submodules the forward
-    calls (each must act per token, checked on the instance)."""
+    """What to replace in a mixer class's forward: the convolution's global name, the scan kernel's (None for a
+    convolution-only mixer), kernels that must not be reached (the one-token steps), and the submodules the forward
+    calls (each must act per token, checked on the instance). ``conv_takes_weights``: the convolution is the kernel
+    itself (inputs, weight, bias), as transformers <= 5.24 calls it, rather than the helper that takes the module."""
 
     conv_helper: str
     scan_kernel: str | None
     refused: tuple[str, ...]
     submodules: tuple[str, ...]
+    conv_takes_weights: bool = False
 
 
 def _called_name(call: ast.Call) -> tuple[str | None, str | None]:
@@ -137,8 +148,10 @@ def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> N
         target = plain.__globals__.get(global_name) if plain is not None else None
         if global_name.endswith(_SCAN_SUFFIX):
             found["scan"].add(global_name)
-        elif global_name.endswith(_STEP_SUFFIX):
+        elif global_name.endswith((_STEP_SUFFIX, _CONV_STEP_SUFFIX)):
             found["refused"].add(global_name)
+        elif global_name.endswith(_CONV_KERNEL_SUFFIX):
+            found["conv_kernel"].add(global_name)
         elif target is not None and function_facts(target).calls_any("update_conv_state"):
             found["conv"].add(global_name)
         elif global_name not in TOKENWISE_CALLS:
@@ -151,19 +164,24 @@ def ragged_recipe(module_class: type) -> RaggedRecipe | str:
     verdict = class_verdict(module_class)
     if verdict is None or verdict.kind not in RAGGED_KINDS:
         return f"{module_class.__name__}: the ragged run serves {', '.join(RAGGED_KINDS)} mixers only"
-    found: dict[str, set] = {"conv": set(), "scan": set(), "refused": set(), "submodules": set()}
+    found: dict[str, set] = {"conv": set(), "conv_kernel": set(), "scan": set(), "refused": set(), "submodules": set()}
     try:
         _read_calls(module_class, module_class.forward, found, 0)
     except RaggedUnsupported as reason:
         return str(reason)
-    if len(found["conv"]) != 1:
-        return f"{module_class.__name__}: expected one convolution helper, found {sorted(found['conv'])}"
+    convolutions = found["conv"] | found["conv_kernel"]
+    if len(convolutions) != 1:
+        return f"{module_class.__name__}: expected one convolution call, found {sorted(convolutions)}"
     wants_scan = verdict.kind == "gated_delta"
     if len(found["scan"]) != int(wants_scan):
         return f"{module_class.__name__}: expected {int(wants_scan)} chunked scan(s), found {sorted(found['scan'])}"
     scan = next(iter(found["scan"]), None)
     return RaggedRecipe(
-        next(iter(found["conv"])), scan, tuple(sorted(found["refused"])), tuple(sorted(found["submodules"]))
+        next(iter(convolutions)),
+        scan,
+        tuple(sorted(found["refused"])),
+        tuple(sorted(found["submodules"])),
+        conv_takes_weights=bool(found["conv_kernel"]),
     )
 
 
@@ -215,6 +233,13 @@ def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: Ragge
         gather = plan.conv_gather(conv.kernel_size[0], inputs.device)
         return ragged_causal_conv(inputs, conv.weight, conv.bias, activation, gather)
 
+    def conv_kernel(inputs, weight, bias=None, activation=None, **_kwargs):
+        calls["conv"] += 1
+        if activation not in _ACTIVATIONS or weight.dim() != 2 or weight.size(0) != inputs.size(1):
+            raise RaggedUnsupported("the convolution kernel was called with another weight layout or activation")
+        gather = plan.conv_gather(weight.size(-1), inputs.device)
+        return ragged_causal_conv(inputs, weight.unsqueeze(1), bias, activation, gather)
+
     def scan_kernel(
         query,
         key,
@@ -239,7 +264,7 @@ def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: Ragge
 
     forward = plain_function(type(module).forward)
     namespace = dict(forward.__globals__)
-    namespace[recipe.conv_helper] = conv_helper
+    namespace[recipe.conv_helper] = conv_kernel if recipe.conv_takes_weights else conv_helper
     if recipe.scan_kernel is not None:
         namespace[recipe.scan_kernel] = scan_kernel
     for name in recipe.refused:
