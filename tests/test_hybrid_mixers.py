@@ -237,18 +237,19 @@ def ragged_without_boundaries(document_ids, branch_ids):
 
 
 @pytest.mark.parametrize(
-    ("family", "target", "faults"),
+    ("family", "target", "faults", "least"),
     [
-        ("nemotron_h", "build_segments", [without_prefix_state]),
-        ("qwen3_5_text", "build_ragged_plan", [ragged_without_prefix_state, ragged_without_boundaries]),
-        ("lfm2", "build_ragged_plan", [ragged_without_boundaries]),
+        ("nemotron_h", "build_segments", [without_prefix_state], 1e-2),
+        ("qwen3_5_text", "build_ragged_plan", [ragged_without_prefix_state, ragged_without_boundaries], 1e-2),
+        ("lfm2", "build_ragged_plan", [ragged_without_boundaries], 100 * RELATIVE_TOLERANCE),
     ],
     ids=["padded-mamba2", "ragged-gated-delta", "ragged-convolution"],
 )
-def test_a_lost_state_or_boundary_is_caught(family, target, faults, saved, tokenizer, hh_rows, monkeypatch):
+def test_a_lost_state_or_boundary_is_caught(family, target, faults, least, saved, tokenizer, hh_rows, monkeypatch):
     """The comparison can fail: branches that start from a zero state, or documents whose state leaks into the next
-    (the known trap of variable-length kernels), move the loss far past the tolerance (a short convolution's leak
-    reaches only its kernel's first tokens after a boundary: 2e-3 of the loss, 200x the tolerance)."""
+    (the known trap of variable-length kernels), move the loss by more than ``least``: 1e-2 for a lost recurrent
+    state; a short convolution's leak reaches only its kernel's first tokens after a boundary (2e-3 of the loss
+    measured, so 100x the tolerance is asked)."""
     from equivalence import loss_and_grads
 
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
@@ -260,7 +261,7 @@ def test_a_lost_state_or_boundary_is_caught(family, target, faults, saved, token
             runs = count_runs(patch)
             broken, _, _ = loss_and_grads(ours, first_batch(ours, 4))  # a new batch: a new layout, built faulty
         assert runs["run_ragged" if target == "build_ragged_plan" else "run_segmented"] > 0, fault.__name__
-        assert relative_difference(broken, expected) > 100 * RELATIVE_TOLERANCE, fault.__name__
+        assert relative_difference(broken, expected) > least, fault.__name__
 
 
 def test_mixer_kinds_are_read_from_their_code():
