@@ -1,7 +1,9 @@
 """Running a state-carrying mixer's own forward over the segments of a packed layout.
 
 Installed per mixer module when a model is switched. Outside a packed forward the mixer runs untouched (padded
-batches, ``generate`` with its cache). During one, the mixer is called for the shared prefixes from a zero state
+batches, ``generate`` with its cache). During one, a convolution or gated-delta mixer whose forward `ragged` can
+read runs once over the packed tokens (no padding). Any other served mixer (and one whose ragged call is refused at
+run time) takes the padded run: it is called for the shared prefixes from a zero state
 (left-padded length buckets where zeroed padding keeps that state zero, else one call per prefix length), then for
 the branches in length buckets, each branch given the final state of its own prefix through a `StateCarrier`; the
 outputs are put back in their packed places. The segments are built once per step and cached on the layout, so
