@@ -320,6 +320,61 @@ def test_the_unpadded_run_is_read_from_the_forward():
     assert instance_recipe(layer, layer.forward) == "Lfm2ShortConv.out_proj is not a per-token layer"
 
 
+def test_ragged_kernels_match_transformers_per_segment(monkeypatch):
+    """The ragged convolution and gated delta rule over packed segments equal transformers' own torch kernel (its
+    source, in float64) run on each segment alone from its prefix's state: prefixes longer than one chunk, a prefix
+    shorter than the convolution's history, an unshared document, row padding."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+
+    monkeypatch.setattr(ragged_kernels, "COMPUTE_DTYPE", torch.float64)
+    run_kernel_in_float64(monkeypatch, qwen3_5)
+    # row 0: prefix 70 + branches 5, 130; an unshared document of 3. row 1: prefix 2 + branch 66, then padding.
+    document_ids = torch.full((2, 208), -1)
+    branch_ids = torch.full((2, 208), -1)
+    document_ids[0], document_ids[0, 205:] = 0, 1
+    branch_ids[0, :70], branch_ids[0, 70:75], branch_ids[0, 75:205], branch_ids[0, 205:] = 0, 1, 2, 1
+    document_ids[1, :68], branch_ids[1, :2], branch_ids[1, 2:68] = 2, 0, 1
+    plan = build_ragged_plan(document_ids, branch_ids)
+    assert plan.lengths.tolist() == [70, 5, 130, 3, 2, 66] and plan.parents.tolist() == [-1, 0, 0, -1, -1, 4]
+    generator = torch.Generator().manual_seed(0)
+    tokens, channels, kernel = document_ids.numel(), 6, 4
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    query, key, value = randn(1, tokens, 2, 8), randn(1, tokens, 2, 8), randn(1, tokens, 4, 8)
+    decay, beta = -torch.rand(1, tokens, 4, generator=generator).double(), torch.rand(1, tokens, 4).double()
+    inputs, weight, bias = randn(1, channels, tokens), randn(channels, 1, kernel), randn(channels)
+    scanned = ragged_kernels.ragged_gated_delta_rule(
+        query, key, value, decay, beta, plan.chunk_schedule(torch.device("cpu")), use_qk_l2norm=True
+    )
+    convolved = ragged_kernels.ragged_causal_conv(
+        inputs, weight, bias, "silu", plan.conv_gather(kernel, torch.device("cpu"))
+    )
+    final_states = {}
+    for segment, (start, length, parent) in enumerate(zip(plan.starts, plan.lengths, plan.parents, strict=True)):
+        run, parent = slice(int(start), int(start + length)), int(parent)
+        expected, final_states[segment] = qwen3_5.torch_chunk_gated_delta_rule(
+            *(x[:, run] for x in (query, key, value)),
+            g=decay[:, run],
+            beta=beta[:, run],
+            initial_state=final_states.get(parent),
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+        )
+        torch.testing.assert_close(scanned[:, run], expected, rtol=1e-12, atol=1e-12)
+        history = torch.zeros(1, channels, kernel - 1, dtype=torch.float64)
+        if parent >= 0:
+            start_p, length_p = int(plan.starts[parent]), int(plan.lengths[parent])
+            tail = inputs[..., start_p : start_p + length_p][..., -(kernel - 1) :]
+            history[..., kernel - 1 - tail.size(-1) :] = tail
+        own = torch.cat([history, inputs[..., run]], dim=-1)
+        expected_conv = torch.nn.functional.silu(torch.nn.functional.conv1d(own, weight, bias, groups=channels))
+        torch.testing.assert_close(convolved[..., run], expected_conv, rtol=1e-12, atol=1e-12)
+    padding = document_ids.reshape(-1) < 0
+    assert scanned[0, padding].abs().max() == 0 and convolved[0, :, padding].abs().max() == 0
+
+
 def test_segments_of_a_packed_layout():
     """Prefixes by exact length, or left-padded in length buckets; branches right-padded in length buckets, each
     pointing at its own prefix's state (0: a document that shares nothing); row padding in no segment."""
