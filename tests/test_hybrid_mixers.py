@@ -314,10 +314,22 @@ def test_the_unpadded_run_is_read_from_the_forward():
                 return self.out_proj(x.cumsum(-1).transpose(-1, -2))  # mixes along time outside the convolution
 
         assert ragged_recipe(RunningSum) == "RunningSum calls `cumsum`"
+
+        class PooledGate(modeling_lfm2.Lfm2ShortConv):
+            def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+                x = self.in_proj(hidden_states).transpose(-1, -2)[:, : self.conv.in_channels]
+                x = causal_conv1d_forward(self.conv, x, cache, self.layer_idx)
+                gate = x.max(dim=-1, keepdim=True).values  # `max` pools over time: across documents
+                return self.out_proj((x * gate).transpose(-1, -2))
+
+        assert ragged_recipe(PooledGate) == "PooledGate calls `max`"
     layer = modeling_lfm2.Lfm2ShortConv(Lfm2Config(hidden_size=32, num_hidden_layers=2), 0)
     assert isinstance(instance_recipe(layer, layer.forward), RaggedRecipe)
     layer.out_proj = torch.nn.Conv1d(32, 32, 3)
     assert instance_recipe(layer, layer.forward) == "Lfm2ShortConv.out_proj is not a per-token layer"
+    for pooling in (torch.nn.BatchNorm1d(32), torch.nn.InstanceNorm1d(32), torch.nn.GroupNorm(4, 32)):
+        layer.out_proj = pooling  # "Norm" by name, but its statistics run over tokens
+        assert instance_recipe(layer, layer.forward) == "Lfm2ShortConv.out_proj is not a per-token layer"
 
 
 def test_ragged_kernels_match_transformers_per_segment(monkeypatch):

@@ -69,7 +69,7 @@ def _syntax_tree(function: types.FunctionType) -> ast.AST | None:
         return None
 
 
-def _called_name(call: ast.Call) -> str | None:
+def called_name(call: ast.Call) -> str | None:
     """``f(...)`` -> "f", ``obj.method(...)`` / ``self.a.b(...)`` -> the last name ("method", "b")."""
     if isinstance(call.func, ast.Name):
         return call.func.id
@@ -78,7 +78,7 @@ def _called_name(call: ast.Call) -> str | None:
     return None
 
 
-def _self_attribute(call: ast.Call) -> str | None:
+def self_attribute(call: ast.Call) -> str | None:
     """``self.helper(...)`` -> "helper" (a method of the layer's own class); None for any other callee."""
     func = call.func
     if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self":
@@ -93,7 +93,7 @@ def _followed(function: types.FunctionType, home_module: str) -> bool:
 
 def _resolve(call: ast.Call, function: types.FunctionType, owner: type | None) -> types.FunctionType | None:
     """The function a call in ``function`` reaches: a global or closed-over name, or a method of ``owner``."""
-    attribute = _self_attribute(call)
+    attribute = self_attribute(call)
     if attribute is not None and owner is not None:
         return plain_function(inspect.getattr_static(owner, attribute, None))
     if not isinstance(call.func, ast.Name):
@@ -153,7 +153,7 @@ def _facts_of(functions: list[tuple[types.FunctionType, type | None]], depth: in
             for node in ast.walk(tree):
                 if not isinstance(node, ast.Call):
                     continue
-                name = _called_name(node)
+                name = called_name(node)
                 if name is not None:
                     calls[name] += 1
                 for keyword in node.keywords:
@@ -180,7 +180,7 @@ def _calls_of(module_class: type, attribute: str) -> list[ast.Call]:
     tree = _syntax_tree(forward) if forward is not None else None
     if tree is None:
         return []
-    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and _self_attribute(node) == attribute]
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and self_attribute(node) == attribute]
 
 
 def calls_attribute(module_class: type, attribute: str) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import logging
 import types
 from collections import Counter
 from dataclasses import dataclass
@@ -29,21 +28,19 @@ from typing import Any
 
 import torch
 
-from trl_prefix_share.core.code_reading import body_calls, function_facts, plain_function
+from trl_prefix_share.core.code_reading import body_calls, called_name, function_facts, plain_function, self_attribute
 from trl_prefix_share.core.mixers.kinds import class_verdict
 from trl_prefix_share.core.mixers.ragged_kernels import ragged_causal_conv, ragged_gated_delta_rule
 from trl_prefix_share.core.mixers.ragged_plan import DELTA_CHUNK, RaggedPlan
 
-logger = logging.getLogger(__name__)
-
 #: Mixer kinds whose state lives in a convolution helper and (gated delta) one chunked scan.
 RAGGED_KINDS = ("short_conv", "gated_delta")
-#: Calls a ragged forward may make besides the two it hands over: each acts on every token alone, or only reshapes,
-#: or reads the (absent) cache. A call named otherwise keeps the mixer on the padded run.
-TOKENWISE_CALLS = frozenset(
+#: Methods a ragged forward may call besides the two calls it hands over: each acts on every token alone, only
+#: reshapes, or is a cache method (the ragged call passes no cache, so the forward skips those). A method named
+#: otherwise keeps the mixer on the padded run. Reductions (``max``, ``sum``, ``mean``, ...) are not here: called on
+#: a tensor they could pool over time, across documents.
+TOKENWISE_METHODS = frozenset(
     {
-        "apply_mask_to_padding_states",  # zeroes padded positions (none here)
-        # The cache's methods: the ragged call passes no cache, so the forward skips them.
         "get_recurrent_state",
         "get_recurrent_states_to_keep",
         "update_recurrent_state",
@@ -69,15 +66,13 @@ TOKENWISE_CALLS = frozenset(
         "unsqueeze",
         "squeeze",
         "size",
-        "len",
-        "min",
-        "max",
-        "range",
-        "append",
-        "pop",
+        "append",  # a Python list of outputs
+        "pop",  # ``kwargs.pop``
         "get",
     }
 )
+#: Plain functions a ragged forward may call: Python's builtins on sizes, and the padding mask (none here).
+TOKENWISE_FUNCTIONS = frozenset({"len", "min", "max", "range", "apply_mask_to_padding_states"})
 #: Activations the ragged convolution applies (those transformers' and causal-conv1d's helpers accept).
 _ACTIVATIONS = (None, "silu", "swish")
 _SCAN_SUFFIX = "chunk_gated_delta_rule"
@@ -108,17 +103,6 @@ class RaggedRecipe:
     conv_takes_weights: bool = False
 
 
-def _called_name(call: ast.Call) -> tuple[str | None, str | None]:
-    """(global name, None) for ``f(...)``; (None, attribute) for ``obj.attr(...)``; ``self.attr`` is marked 'self.'."""
-    if isinstance(call.func, ast.Name):
-        return call.func.id, None
-    if isinstance(call.func, ast.Attribute):
-        owner = call.func.value
-        prefix = "self." if isinstance(owner, ast.Name) and owner.id == "self" else ""
-        return None, prefix + call.func.attr
-    return None, None
-
-
 def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> None:
     """Sort every call of ``function`` into ``found``; raise RaggedUnsupported with the first disallowed one."""
     calls = body_calls(function)
@@ -128,9 +112,8 @@ def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> N
         )
     plain = plain_function(function)
     for call in calls:
-        global_name, attribute = _called_name(call)
-        if attribute is not None and attribute.startswith("self."):
-            name = attribute[len("self.") :]
+        name = self_attribute(call)
+        if name is not None:
             method = plain_function(inspect.getattr_static(module_class, name, None))
             if method is None:
                 found["submodules"].add(name)
@@ -139,10 +122,11 @@ def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> N
             else:
                 raise RaggedUnsupported(f"{module_class.__name__}.{name} nests too deep to read")
             continue
-        if attribute is not None:
-            if attribute not in TOKENWISE_CALLS:
-                raise RaggedUnsupported(f"{module_class.__name__} calls `{attribute}`")
+        if isinstance(call.func, ast.Attribute):
+            if call.func.attr not in TOKENWISE_METHODS:
+                raise RaggedUnsupported(f"{module_class.__name__} calls `{call.func.attr}`")
             continue
+        global_name = called_name(call) if isinstance(call.func, ast.Name) else None
         if global_name is None:
             raise RaggedUnsupported(f"{module_class.__name__} makes a call the ragged run cannot read")
         target = plain.__globals__.get(global_name) if plain is not None else None
@@ -154,7 +138,7 @@ def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> N
             found["conv_kernel"].add(global_name)
         elif target is not None and function_facts(target).calls_any("update_conv_state"):
             found["conv"].add(global_name)
-        elif global_name not in TOKENWISE_CALLS:
+        elif global_name not in TOKENWISE_FUNCTIONS:
             raise RaggedUnsupported(f"{module_class.__name__} calls `{global_name}`")
 
 
@@ -185,12 +169,22 @@ def ragged_recipe(module_class: type) -> RaggedRecipe | str:
     )
 
 
+#: torch's normalisations whose statistics run over the batch or the sequence (not one token's features).
+_POOLING_NORMS = (
+    torch.nn.modules.batchnorm._NormBase,  # batch and instance norms
+    torch.nn.GroupNorm,
+    torch.nn.LocalResponseNorm,
+)
+
+
 def _acts_per_token(module: torch.nn.Module) -> bool:
     """A projection (LoRA-wrapped too), dropout, identity or normalisation over features: no mixing along time."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     if isinstance(base, torch.nn.Linear | torch.nn.Dropout | torch.nn.Identity | torch.nn.LayerNorm | torch.nn.RMSNorm):
         return True
-    return "Norm" in type(base).__name__ and not any(isinstance(m, torch.nn.Conv1d) for m in base.modules())
+    if any(isinstance(m, (*_POOLING_NORMS, torch.nn.Conv1d)) for m in base.modules()):
+        return False
+    return "Norm" in type(base).__name__  # a model's own RMSNorm / gated RMSNorm over the features
 
 
 def instance_recipe(module: torch.nn.Module, original_forward: Any) -> RaggedRecipe | str:
