@@ -15,32 +15,57 @@ from trl_prefix_share.core.layout import SequenceSpec, make_document, pack_docum
 BLOCK = 16  # small blocks: many of them straddle branches, documents and row padding
 
 
-def layout(prompts: list[int], responses: list[list[int]], budget: int | None, multiple: int | None = None):
+def layout(prompts: list[int], responses: list[list[int]], budget: int | None, multiple: int | None = None, system=0):
+    """Documents of random prompts (``system`` common tokens in front of every prompt: one prefix tree)."""
     generator = torch.Generator().manual_seed(sum(prompts) + len(responses))
+    common = torch.randint(5, 99, (system,), generator=generator)
     documents, row = [], 0
     for prompt, lengths in zip(prompts, responses, strict=True):
-        shared = torch.randint(5, 99, (prompt,), generator=generator)
+        shared = torch.cat([common, torch.randint(5, 99, (prompt,), generator=generator)])
         sequences = []
         for length in lengths:
             tokens = torch.cat([shared, torch.randint(5, 99, (length,), generator=generator)])
-            sequences.append(SequenceSpec(tokens, prompt, row))
+            sequences.append(SequenceSpec(tokens, system + prompt, row))
             row += 1
         documents.append(make_document(sequences))
-    width = max(p + max(r) for p, r in zip(prompts, responses, strict=True)) + 1
+    width = system + max(p + max(r) for p, r in zip(prompts, responses, strict=True)) + 1
     packed = pack_documents(documents, row, width, 0, budget, pad_to_multiple_of=multiple, sdpa_buckets=False)
     return PackedAttentionLayout(packed, "flex")
 
 
 def dense_rule(layout: PackedAttentionLayout, window: int | None) -> torch.Tensor:
-    """``[rows, T, T]``: the packed attention rule pair by pair (what `build_block_mask`'s mask_mod computes)."""
+    """``[rows, T, T]``: the packed attention rule pair by pair, from node ancestry rather than subtree ends (what
+    `build_block_mask`'s mask_mod reads): key not after the query and the key's node on the query's chain of nodes.
+    A node's parent is the nearest earlier node of its tree that ends at the depth where it starts (anything in
+    between lies in the parent's subtree, deeper)."""
     doc, branch, pos = layout.document_ids, layout.branch_ids, layout.position_ids
-    index = torch.arange(doc.size(1))
-    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
-    visible = same & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))
-    visible &= index[None, None, :] <= index[None, :, None]
+    rows, length = doc.shape
+    index = torch.arange(length)
+    visible = torch.zeros(rows, length, length, dtype=torch.bool)
+    for r in range(rows):
+        parent = {}  # node -> parent node, from the depth-first order: a node's parent is the nearest open node
+        nodes = [(int(d), int(b)) for d, b in zip(doc[r], branch[r], strict=True)]
+        starts = [i for i in range(length) if nodes[i][0] >= 0 and (i == 0 or nodes[i] != nodes[i - 1])]
+        depth_of = {}
+        for i in starts:
+            node = nodes[i]
+            depth = int(pos[r, i])  # positions of a tree are its depths plus one offset
+            candidates = [s for s in starts if s < i and nodes[s][0] == node[0] and depth_of[nodes[s]][1] == depth]
+            parent[node] = nodes[candidates[-1]] if candidates else None
+            depth_of[node] = (depth, depth + sum(1 for j in range(i, length) if nodes[j] == node))
+        for q in range(length):
+            if nodes[q][0] < 0:
+                visible[r, q, q] = True
+                continue
+            chain, node = set(), nodes[q]
+            while node is not None:
+                chain.add(node)
+                node = parent[node]
+            for k in range(q + 1):
+                visible[r, q, k] = nodes[k] in chain
     if window is not None:
-        visible &= pos[:, :, None] - pos[:, None, :] < window
-    return visible | ((doc[:, :, None] < 0) & (index[None, :, None] == index[None, None, :]))
+        visible &= (pos[:, :, None] - pos[:, None, :] < window) | (doc[:, :, None] < 0)
+    return visible & ((index[None, None, :] <= index[None, :, None]))
 
 
 def per_block(mask: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -64,6 +89,8 @@ LAYOUTS = {
     "several documents per row": ([12, 33, 3, 20], [[4, 20], [7, 7, 50], [30, 2], [18]], None, None),
     "several rows, padded to 16": ([25, 9, 40], [[10, 40], [3, 3, 3, 3], [22, 5]], 90, 16),
     "long branches": ([5], [[70, 64, 33]], None, 32),
+    "a prefix tree: system prompt, prompts, responses": ([20, 3, 41], [[9, 30], [5, 5, 60], [17]], None, None, 150),
+    "a prefix tree over several rows": ([12, 33, 3], [[4, 20], [7, 50], [30, 2]], 260, 16, 90),
 }
 
 
@@ -71,7 +98,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_blocks_left_out_are_empty_and_full_blocks_full(name, window):
     packed = layout(*LAYOUTS[name])
-    possible, full = block_visibility(packed.document_ids, packed.branch_ids, packed.position_ids, window, BLOCK)
+    possible, full = block_visibility(packed.span_ends, packed.position_ids, window, BLOCK)
     rule = dense_rule(packed, window)
     any_pair, all_pairs = per_block(rule, "any"), per_block(rule, "all")
     assert bool((any_pair <= possible).all()), "a block with visible pairs was left out"
@@ -83,7 +110,7 @@ def test_blocks_left_out_are_empty_and_full_blocks_full(name, window):
 
 def test_branches_longer_than_a_block_skip_each_other():
     packed = layout([5], [[64, 64]], None, None)  # prefix 4 tokens, branches of 65 / 64: whole blocks apart
-    possible, _ = block_visibility(packed.document_ids, packed.branch_ids, packed.position_ids, None, BLOCK)
+    possible, _ = block_visibility(packed.span_ends, packed.position_ids, None, BLOCK)
     second_branch_block, first_branch_block = 6, 2  # queries of branch 2, keys of branch 1 only
     assert not bool(possible[0, second_branch_block, first_branch_block])
     assert bool(possible[0, second_branch_block, 0])  # the shared prefix's block is attended

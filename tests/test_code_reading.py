@@ -199,7 +199,7 @@ def test_a_dropped_segmented_forward_is_put_back(switched_lfm2):
     assert restore_segmented_mixers(switched_lfm2) == 1
     assert mixer.forward.__self__ is mixer and mixer.forward.__func__.__name__ == "_segmented_forward"
     layout = PackedAttentionLayout(
-        {"document_ids": torch.zeros(1, 2), "branch_ids": torch.zeros(1, 2), "position_ids": torch.zeros(1, 2)}, "sdpa"
+        {name: torch.zeros(1, 2) for name in ("document_ids", "branch_ids", "span_ends", "position_ids")}, "sdpa"
     )
     with pytest.raises(RuntimeError, match="only 0 of its 1 state-carrying mixers ran on the packed layout"):
         check_mixers_ran(switched_lfm2, layout, 1)

@@ -217,23 +217,37 @@ def test_gradient_checkpointing_recomputes_the_segmented_mixers(family, run, sav
     assert runs[run] == 3  # the policy forward, the reference forward, and the policy's recomputation
 
 
-def without_prefix_state(document_ids, branch_ids, left_padded):
+def one_level_span_ends(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """Subtree ends of a hand-written one-level layout: a prefix (branch 0) spans its document, a branch itself."""
+    span = torch.full_like(document_ids, -1)
+    for row in range(document_ids.size(0)):
+        for index in range(document_ids.size(1)):
+            doc, branch = int(document_ids[row, index]), int(branch_ids[row, index])
+            if doc < 0:
+                continue
+            same = (document_ids[row] == doc) if branch == 0 else (document_ids[row] == doc) & (branch_ids[row] == branch)
+            span[row, index] = int(same.nonzero().max()) + 1
+    return span
+
+
+def without_prefix_state(document_ids, branch_ids, span_ends, left_padded):
     """Padded run, planted fault: every branch starts from a zero state."""
-    segments = build_segments(document_ids, branch_ids, left_padded)
+    segments = build_segments(document_ids, branch_ids, span_ends, left_padded)
     return dataclasses.replace(segments, branch_parent=torch.zeros_like(segments.branch_parent))
 
 
-def ragged_without_prefix_state(document_ids, branch_ids):
+def ragged_without_prefix_state(document_ids, branch_ids, span_ends):
     """Ragged run, planted fault: every branch starts from a zero state (its prefix's state not handed over)."""
-    plan = build_ragged_plan(document_ids, branch_ids)
+    plan = build_ragged_plan(document_ids, branch_ids, span_ends)
     return dataclasses.replace(plan, parents=torch.full_like(plan.parents, -1), _built={})
 
 
-def ragged_without_boundaries(document_ids, branch_ids):
+def ragged_without_boundaries(document_ids, branch_ids, span_ends):
     """Ragged run, planted fault: the boundaries are not passed, so each packed row is one sequence and every
     document's state leaks into the next one's."""
     real = (document_ids >= 0).long()
-    return build_ragged_plan(real - 1, torch.zeros_like(branch_ids).masked_fill(real == 0, -1))
+    one_run = torch.where(real == 1, real.sum(dim=1, keepdim=True), -1)
+    return build_ragged_plan(real - 1, torch.zeros_like(branch_ids).masked_fill(real == 0, -1), one_run)
 
 
 @pytest.mark.parametrize(
@@ -346,7 +360,7 @@ def test_ragged_kernels_match_transformers_per_segment(monkeypatch):
     document_ids[0], document_ids[0, 205:] = 0, 1
     branch_ids[0, :70], branch_ids[0, 70:75], branch_ids[0, 75:205], branch_ids[0, 205:] = 0, 1, 2, 1
     document_ids[1, :68], branch_ids[1, :2], branch_ids[1, 2:68] = 2, 0, 1
-    plan = build_ragged_plan(document_ids, branch_ids)
+    plan = build_ragged_plan(document_ids, branch_ids, one_level_span_ends(document_ids, branch_ids))
     assert plan.lengths.tolist() == [70, 5, 130, 3, 2, 66] and plan.parents.tolist() == [-1, 0, 0, -1, -1, 4]
     generator = torch.Generator().manual_seed(0)
     tokens, channels, kernel = document_ids.numel(), 6, 4
@@ -395,8 +409,9 @@ def test_segments_of_a_packed_layout():
     # row 0: doc 0 = prefix(3) + branches(2, 4); doc 1 = unshared branch(3); row 1: doc 2 = prefix(2) + branch(2), pad
     document_ids = torch.tensor([[0] * 9 + [1] * 3, [2] * 4 + [-1] * 8])
     branch_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 1], [0, 0, 1, 1] + [-1] * 8])
-    segments = build_segments(document_ids, branch_ids, left_padded=False)
-    left_segments = build_segments(document_ids, branch_ids, left_padded=True)
+    span_ends = one_level_span_ends(document_ids, branch_ids)
+    segments = build_segments(document_ids, branch_ids, span_ends, left_padded=False)
+    left_segments = build_segments(document_ids, branch_ids, span_ends, left_padded=True)
 
     def real(batch):
         if batch.valid is None:

@@ -56,13 +56,27 @@ def expected_doc_tokens(sequences: list[tuple[list[int], int]], share: bool = Tr
     return head + sum(len(tokens) - head for tokens, _ in sequences)
 
 
-def visible_keys(doc: list[int], branch: list[int], query: int) -> list[int]:
-    """Keys of ``query`` in its row under the attention rule, in row order."""
-    if doc[query] < 0:
+def expected_row_tokens(sequences: list[tuple[list[int], int, int]], share: bool = True) -> int:
+    """Tokens of a row whose sequences ``(tokens, completion_start, document)`` are merged into prefix trees, counted
+    without building one: position j of a sequence is laid out once for all sequences that agree on their first
+    j + 2 tokens within their prompts (the last common token heads every child), else once for the sequence and the
+    identical copies of its document."""
+    slots = set()
+    for tokens, start, doc in sequences:
+        limit = min(start, len(tokens))
+        for j in range(len(tokens)):
+            if share and j + 2 <= limit:
+                slots.add(("shared", tuple(tokens[: j + 2])))
+            else:
+                slots.add(("own", doc, tuple(tokens), start, j) if share else ("own", id(tokens), j))
+    return len(slots)
+
+
+def visible_keys(span: list[int], query: int) -> list[int]:
+    """Keys of ``query`` in its row under the attention rule (the key's subtree holds the query), in row order."""
+    if span[query] < 0:
         return []
-    return [
-        key for key in range(query + 1) if doc[key] == doc[query] and (branch[key] == 0 or branch[key] == branch[query])
-    ]
+    return [key for key in range(query + 1) if span[key] > query]
 
 
 def check_layout(
@@ -91,8 +105,9 @@ def check_layout(
     pos = packed["position_ids"].tolist()
     docs = packed["document_ids"].tolist()
     branches = packed["branch_ids"].tolist()
+    spans = packed["span_ends"].tolist()
     labels = packed["shift_labels"].tolist()
-    for name in ("position_ids", "document_ids", "branch_ids", "shift_labels"):
+    for name in ("position_ids", "document_ids", "branch_ids", "span_ends", "shift_labels"):
         assert packed[name].shape == (rows, length), name
 
     # (d) row shape: padded to the multiple, no longer than the longest row needs, budget respected.
@@ -102,32 +117,33 @@ def check_layout(
     multiple = pad_to_multiple_of or 1
     assert length == -(-max(used) // multiple) * multiple
     doc_sizes = [expected_doc_tokens([(t, s) for t, s, _ in doc], share) for doc in documents]
+    # Greedy first fit in batch order by one-level document sizes, computed here independently.
+    members, fill = [[]], 0
+    for index, size in enumerate(doc_sizes):
+        if max_row_tokens is not None and members[-1] and fill + size > max_row_tokens:
+            members, fill = [*members, []], 0
+        members[-1].append(index)
+        fill += size
     if max_row_tokens is not None:
         assert max(used) <= max_row_tokens
-        # Greedy first fit in batch order, computed here independently.
-        expected_rows, fill = 1, 0
-        for size in doc_sizes:
-            if fill and fill + size > max_row_tokens:
-                expected_rows, fill = expected_rows + 1, 0
-            fill += size
-        assert rows == expected_rows
-    else:
-        assert rows == 1
-    # Tokens per document: the prompt is laid out once (plus the repeated head per branch), nothing else is added.
-    per_doc = Counter(d for row in docs for d in row if d >= 0)
-    assert dict(per_doc) == {d: size for d, size in enumerate(doc_sizes)}
+    assert rows == len(members)
+    # Tokens per row: every prompt prefix common to several sequences of the row laid out once, nothing added.
+    for r, row_docs in enumerate(members):
+        row_sequences = [(tokens, start, d) for d in row_docs for tokens, start, _ in documents[d]]
+        assert used[r] == expected_row_tokens(row_sequences, share), r
     for r in range(rows):
-        # Documents are contiguous in batch order and padding sits at the end of the row.
+        # Trees are contiguous in batch order and padding sits at the end of the row.
         real = [d for d in docs[r] if d >= 0]
         assert docs[r][: len(real)] == real and real == sorted(real)
         for i in range(len(real), length):
             assert ids[r][i] == pad_token_id and labels[r][i] == IGNORE_INDEX and branches[r][i] < 0
+            assert spans[r][i] < 0
 
     # (a)/(b) every real position sees exactly an unpacked prefix, and its keys see prefixes of that same prefix.
     contexts: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for r in range(rows):
         for i in range(length):
-            keys = visible_keys(docs[r], branches[r], i)
+            keys = visible_keys(spans[r], i)
             contexts[r, i] = [(ids[r][k], pos[r][k]) for k in keys]
     full_sequences = {tuple(zip(tokens, range(len(tokens)), strict=True)) for tokens, _ in by_row.values()}
     seen_full = set()
@@ -135,10 +151,10 @@ def check_layout(
         if docs[r][i] < 0:
             continue
         assert [p for _, p in context] == list(range(len(context))), (r, i, context)
-        own = [(tokens, start) for tokens, start, _ in documents[docs[r][i]]]
+        own = [(tokens, start) for d in members[r] for tokens, start, _ in documents[d]]
         prefix_of = [tokens for tokens, _ in own if [t for t, _ in context] == tokens[: len(context)]]
-        assert prefix_of, f"row {r} index {i}: its context is no prefix of any sequence of its document"
-        for key in visible_keys(docs[r], branches[r], i):
+        assert prefix_of, f"row {r} index {i}: its context is no prefix of any sequence of its row"
+        for key in visible_keys(spans[r], i):
             assert contexts[r, key] == context[: pos[r][key] + 1], (r, i, key)
         if tuple(context) in full_sequences:
             seen_full.add(tuple(context))
@@ -196,7 +212,7 @@ def check_layout(
                     assert flat_docs[flat_q] >= 0, "a padding token is a query"
                     queried.append(flat_q)
                     r, q = divmod(flat_q, length)
-                    keys = visible_keys(docs[r], branches[r], q)
+                    keys = visible_keys(spans[r], q)
                     if window is not None:  # distance in positions, as transformers measures it unpacked
                         keys = [k for k in keys if pos[r][q] - pos[r][k] < window]
                     expected = Counter(r * length + k for k in keys)
@@ -250,6 +266,8 @@ def document_sequences(draw) -> list[tuple[list[int], int]]:
 @st.composite
 def layouts(draw):
     docs = draw(st.lists(document_sequences(), min_size=1, max_size=5))
+    system = draw(st.lists(VOCAB, min_size=0, max_size=6))  # a head common to every prompt: one tree for all
+    docs = [[(system + tokens, len(system) + start) for tokens, start in doc] for doc in docs]
     share = draw(st.booleans()) if draw(st.integers(0, 4)) == 0 else True
     num_virtual = sum(len(doc) for doc in docs)
     order = draw(st.permutations(list(range(num_virtual))))
@@ -279,6 +297,7 @@ def build(documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, 
         max_row_tokens=max_row_tokens,
         pad_to_multiple_of=pad_to_multiple_of,
         sdpa_buckets=sdpa_buckets,
+        prefix_tree=share,
     )
 
 

@@ -26,6 +26,10 @@ class PackingOptions:
             when ``kernel`` is ``"sdpa"``; ``False`` suits layouts no SDPA kernel reads (token estimates).
         pack_documents: several documents per row (``False``: one per row, padded to the longest; an ablation).
         kernel: the attention kernel that reads the layout (``sdpa``, ``flex`` or ``flex_eager``).
+        prefix_tree: merge the documents of a row into prefix trees (prompts share what they have in common, not
+            only identical prompts); resolved per model by the trainer (``core/tree_support.py``).
+        shift_positions: trees may merge sequences that start at different position ids (left-padded online-RL
+            prompts): set only for models that see positions through their differences alone.
     """
 
     share_prefix: bool = True
@@ -34,6 +38,8 @@ class PackingOptions:
     sdpa_buckets: bool | None = None
     pack_documents: bool = True
     kernel: str = "sdpa"
+    prefix_tree: bool = True
+    shift_positions: bool = False
 
     def __post_init__(self) -> None:
         if self.sdpa_buckets is None:
@@ -46,4 +52,6 @@ class PackingOptions:
             "pad_to_multiple_of": self.pad_to_multiple_of,
             "sdpa_buckets": self.sdpa_buckets,
             "pack": self.pack_documents,
+            "prefix_tree": self.share_prefix and self.prefix_tree,
+            "shift_positions": self.shift_positions,
         }

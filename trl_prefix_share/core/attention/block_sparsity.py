@@ -3,19 +3,21 @@
 ``create_block_mask`` (uncompiled, torch 2.13) evaluates the ``mask_mod`` on every (query, key) pair, a dense
 ``[rows, T, T]`` tensor (and int64 gathers of that size inside the ``mask_mod``): 16k-token rows cost gigabytes
 before attention starts. Here each block of ``block_size`` queries x ``block_size`` keys is classified from per-block
-summaries of the layout (document, branch and position ranges), so the work and memory are ``(T / block_size)^2``:
+summaries of the layout, so the work and memory are ``(T / block_size)^2``. The packed rule is one interval test:
+key ``k`` is visible from query ``q`` iff ``k <= q < span_end[k]`` (the query lies in the subtree of the key's tree
+node; trees are laid out depth first, so every subtree is one run of the row), plus the sliding window on positions:
 
 - *possibly visible* (the kernel runs the block, applying the ``mask_mod`` to each pair) unless some rule rules out
-  every pair: no common document, every key after every query, no common branch and no shared-prefix key, or every
-  pair farther apart than the sliding window; a diagonal block holding row padding stays in (padding attends to
-  itself);
-- *full* (the kernel runs it without the ``mask_mod``) only when every pair is visible: one document on both sides,
-  no padding, every key before every query, the keys all shared prefix or all in the queries' one branch, and every
-  pair inside the window.
+  every pair: the block has no real key, every key after every query, every query at or past every key's subtree
+  end, or every pair farther apart than the sliding window; a diagonal block holding row padding stays in (padding
+  attends to itself);
+- *full* (the kernel runs it without the ``mask_mod``) only when every pair is visible: no padding on either side,
+  every key before every query, every query before the smallest subtree end of the keys, and every pair inside the
+  window.
 
 The summaries only ever widen what may be visible, so an empty block is truly empty and a full block truly full:
 the result is exact (``mask_mod`` decides inside every partial block), at most a few partial blocks more than the
-dense construction finds where a block straddles two branches or documents.
+dense construction finds where a block straddles two nodes or trees.
 """
 
 from __future__ import annotations
@@ -46,27 +48,24 @@ def _masked_range(values: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tenso
 
 
 def block_visibility(
-    document_ids: torch.Tensor,
-    branch_ids: torch.Tensor,
+    span_ends: torch.Tensor,
     position_ids: torch.Tensor,
     sliding_window: int | None,
     block_size: int = BLOCK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(possible, full)``: ``[rows, query blocks, key blocks]`` booleans of the packed attention rule (see the
-    module docstring); ``full`` implies ``possible``."""
-    length = document_ids.size(1)
-    doc = _block_view(document_ids.long(), block_size, -1)
-    branch = _block_view(branch_ids.long(), block_size, -1)
+    module docstring); ``full`` implies ``possible``. ``span_ends``: ``[rows, T]``, -1 on row padding."""
+    length = span_ends.size(1)
+    span = _block_view(span_ends.long(), block_size, -1)
     pos = _block_view(position_ids.long(), block_size, 0)
-    index = _block_view(torch.arange(length, device=doc.device).expand_as(document_ids), block_size, -1)
-    real = doc >= 0
+    index = _block_view(torch.arange(length, device=span.device).expand_as(span_ends), block_size, -1)
+    real = span >= 0
     in_row = index >= 0
     has_pad = (~real & in_row).any(dim=-1)
-    doc_low, doc_high = _masked_range(doc, real)
-    branch_low, branch_high = _masked_range(branch, real)
+    span_low, span_high = _masked_range(span, real)
     pos_low, pos_high = _masked_range(pos, real)
-    has_prefix = (real & (branch == 0)).any(dim=-1)
-    first = torch.arange(doc.size(1), device=doc.device) * block_size  # first index of each block
+    has_real = real.any(dim=-1)
+    first = torch.arange(span.size(1), device=span.device) * block_size  # first index of each block
     last = torch.clamp(first + block_size - 1, max=length - 1)
 
     def q(t: torch.Tensor) -> torch.Tensor:  # per query block, broadcast over key blocks
@@ -75,22 +74,18 @@ def block_visibility(
     def k(t: torch.Tensor) -> torch.Tensor:  # per key block, broadcast over query blocks
         return t[:, None, :]
 
-    same_document = (k(doc_low) <= q(doc_high)) & (q(doc_low) <= k(doc_high))
     causal = first[None, None, :] <= last[None, :, None]
-    same_branch = (k(branch_low) <= q(branch_high)) & (q(branch_low) <= k(branch_high))
-    possible = same_document & causal & (k(has_prefix) | same_branch)
+    inside = first[None, :, None] < k(span_high)  # some query before some key's subtree end
+    possible = q(has_real) & k(has_real) & causal & inside
     if sliding_window is not None:
         possible &= q(pos_low) - k(pos_high) < sliding_window
-    diagonal = torch.eye(doc.size(1), dtype=torch.bool, device=doc.device)[None]
+    diagonal = torch.eye(span.size(1), dtype=torch.bool, device=span.device)[None]
     possible |= diagonal & q(has_pad)
 
     whole = in_row.all(dim=-1) & ~has_pad  # every slot a real token of the row
-    one_document = whole & (doc_low == doc_high)
-    one_branch = branch_low == branch_high
-    keys_shared_or_same = (k(branch_high) == 0) | (q(one_branch) & k(one_branch) & (q(branch_low) == k(branch_low)))
-    full = q(one_document) & k(one_document) & (q(doc_low) == k(doc_low))
+    full = q(whole) & k(whole)
     full &= first[None, None, :] + block_size <= first[None, :, None]  # every key block before the query block
-    full &= keys_shared_or_same
+    full &= last[None, :, None] < k(span_low)  # every query inside every key's subtree
     if sliding_window is not None:
         full &= q(pos_high) - k(pos_low) < sliding_window
     return possible, full & possible
@@ -105,8 +100,7 @@ def _kv_blocks(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def layout_block_mask(
-    document_ids: torch.Tensor,
-    branch_ids: torch.Tensor,
+    span_ends: torch.Tensor,
     position_ids: torch.Tensor,
     sliding_window: int | None,
     mask_mod: Callable,
@@ -115,10 +109,10 @@ def layout_block_mask(
     """The ``BlockMask`` of the packed rule from the layout's per-block summaries (no dense mask)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    possible, full = block_visibility(document_ids, branch_ids, position_ids, sliding_window, block_size)
+    possible, full = block_visibility(span_ends, position_ids, sliding_window, block_size)
     partial_counts, partial_indices = _kv_blocks(possible & ~full)
     full_counts, full_indices = _kv_blocks(full)
-    length = document_ids.size(1)
+    length = span_ends.size(1)
     return BlockMask.from_kv_blocks(
         partial_counts,
         partial_indices,

@@ -24,23 +24,22 @@ def _compiled_flex_attention():
 
 
 def build_block_mask(layout: PackedAttentionLayout, sliding_window: int | None, device: torch.device):
-    """BlockMask of the packed rule: same document, key not after query (or in the query's image, for Gemma 3), key
-    shared or in the query's branch."""
+    """BlockMask of the packed rule: key not after the query and the query inside the key's subtree (its tree node
+    or a descendant's), or (Gemma 3) key in the query's image."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc = layout.document_ids.to(device)
-    branch = layout.branch_ids.to(device)
+    span = layout.span_ends.to(device)
     pos = layout.position_ids.to(device)
-    rows, length = doc.shape
+    rows, length = span.shape
 
     def mask_mod(b, h, q_idx, kv_idx):
-        same_doc = doc[b, q_idx] == doc[b, kv_idx]
-        visible_branch = (branch[b, kv_idx] == 0) | (branch[b, kv_idx] == branch[b, q_idx])
-        real = (doc[b, q_idx] >= 0) & same_doc & visible_branch & (kv_idx <= q_idx)
+        # The query lies inside the key's subtree (same tree, key an ancestor's or its own node's token) and not
+        # before it; row padding (span -1) is nobody's key.
+        real = (kv_idx <= q_idx) & (q_idx < span[b, kv_idx])
         if sliding_window is not None:
             real = real & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
         # Row padding attends to itself only, so no row of the softmax is empty.
-        return real | ((doc[b, q_idx] < 0) & (q_idx == kv_idx))
+        return real | ((span[b, q_idx] < 0) & (q_idx == kv_idx))
 
     if layout.image_blocks is not None:
         blocks = layout.image_blocks.to(device)
@@ -55,7 +54,7 @@ def build_block_mask(layout: PackedAttentionLayout, sliding_window: int | None, 
         # Inside an image keys may follow their query: the per-block causal rule does not hold. Image prompts are
         # short next to the long text prompts the block summaries are for, so the dense construction serves them.
         return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
-    return layout_block_mask(doc, branch, pos, sliding_window, mask_mod)
+    return layout_block_mask(span, pos, sliding_window, mask_mod)
 
 
 def packed_flex_attention(

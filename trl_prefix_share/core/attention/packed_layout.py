@@ -14,12 +14,14 @@ import torch
 
 
 class PackedAttentionLayout:
-    """Document/branch/position structure of packed rows plus lazily built, cached masks."""
+    """Tree (document), node (branch), subtree-end and position structure of packed rows plus lazily built, cached masks."""
 
     def __init__(self, packed: dict[str, Any], kernel: str) -> None:
         self.kernel = kernel
         self.document_ids: torch.Tensor = packed["document_ids"]
         self.branch_ids: torch.Tensor = packed["branch_ids"]
+        # Row-local end of each token's subtree (-1 on padding): key k is visible from query q iff k <= q < end[k].
+        self.span_ends: torch.Tensor = packed["span_ends"]
         self.position_ids: torch.Tensor = packed["position_ids"]
         self.buckets: list[dict[str, torch.Tensor]] = packed.get("attention_buckets") or []
         # Runs of image tokens attended bidirectionally (Gemma 3), ``[rows, T]`` run ids, -1 elsewhere; set by the

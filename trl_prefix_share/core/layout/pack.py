@@ -24,22 +24,25 @@ import torch
 from trl_prefix_share.core.layout.documents import IGNORE_INDEX, PAD_DOCUMENT, DocumentSpec, SequenceSpec
 from trl_prefix_share.core.layout.rows import assign_rows, round_up
 from trl_prefix_share.core.layout.sdpa_groups import AttentionGroup, attention_bucket
+from trl_prefix_share.core.layout.tree import PrefixTree, document_tree, row_trees
 
 Layout = dict[str, torch.Tensor | list[dict[str, torch.Tensor]]]
 
 
 @dataclass
 class _Segment:
-    """A run of consecutive tokens of one sequence placed consecutively in a packed row."""
+    """A tree node placed in a packed row: a run of consecutive tokens of its owner sequence."""
 
     source: int  # offset in the concatenated token source
     length: int
     dest: int  # flat offset in the packed rows
-    position: int  # index in its sequence of its first token
-    document: int
-    branch: int  # 0: shared prefix
-    sequence: int  # index of the sequence whose next tokens it predicts
-    weight: int  # stock rows holding these tokens (all sequences of the document for a shared prefix)
+    position: int  # index in its sequence of its first token (its depth in the tree)
+    document: int  # the tree
+    branch: int  # the node's id in its tree: 0 a shared root, 1.. the other nodes depth first
+    sequence: int  # the owner: the sequence whose tokens it copies (its stock row and column)
+    weight: int  # stock rows holding these tokens (every sequence through the node, aliases included)
+    position_offset: int  # the tree's: added to ``position`` to give the position id
+    span_end: int  # row-local index where the node's subtree ends (keys of the node are visible up to there)
 
 
 @dataclass
@@ -66,14 +69,17 @@ class _Sources:
     tokens: torch.Tensor
     start: list[int]  # offset of each sequence in ``tokens``
     first_sequence: list[int]  # index of each document's first sequence
+    alias: list[int]  # for each sequence, the sequence it is scored from (itself when unique)
 
 
 @dataclass
 class _SegmentPlan:
-    """The segments of every document, the flat packed index of each sequence's last token, and the attention groups
-    of the SDPA decomposition (trunk: a document's first branch with its prefix; side: every later branch)."""
+    """The nodes of every tree as segments, the scored (node, sequence) spans, the flat packed index of each
+    sequence's last token, and the attention groups of the SDPA decomposition (trunk: a tree's first root-to-leaf
+    chain, one causal block; side: every other node, its queries over its ancestors and itself)."""
 
     segments: list[_Segment]
+    scored: list[tuple[int, int]]  # (segment index, sequence) for every sequence through every node
     last_flat: list[int]
     trunk_groups: list[AttentionGroup]
     side_groups: list[AttentionGroup]
@@ -92,53 +98,92 @@ class _Placement:
     seq_info: torch.Tensor
 
 
-def _plan_rows(documents: list[DocumentSpec], max_row_tokens: int | None, pad_to_multiple_of: int | None, pack: bool):
+def _plan_rows(
+    documents: list[DocumentSpec],
+    sources: _Sources,
+    max_row_tokens: int | None,
+    pad_to_multiple_of: int | None,
+    pack: bool,
+    prefix_tree: bool,
+    shift_positions: bool,
+) -> tuple[_RowPlan, list[list[PrefixTree]]]:
+    """Documents into rows (greedy, by their one-level size, an upper bound of what a tree of them takes), then each
+    row's documents into trees: merged across documents with ``prefix_tree``, else one tree per document."""
     members = assign_rows([doc.num_tokens for doc in documents], max_row_tokens, pack)
-    longest = max((sum(documents[i].num_tokens for i in row) for row in members), default=1)
-    return _RowPlan(members=members, length=round_up(longest, pad_to_multiple_of))
+    trees = []
+    for row in members:
+        row_docs = [documents[i] for i in row]
+        firsts = [sources.first_sequence[i] for i in row]
+        if prefix_tree:
+            trees.append(row_trees(row_docs, firsts, sources.sequences, shift_positions))
+        else:
+            trees.append([tree for doc, first in zip(row_docs, firsts, strict=True) for tree in document_tree(doc, first)])
+    longest = max((sum(tree.num_tokens for tree in row) for row in trees), default=1)
+    return _RowPlan(members=members, length=round_up(max(longest, 1), pad_to_multiple_of)), trees
 
 
 def _gather_sources(documents: list[DocumentSpec]) -> _Sources:
     sequences = [seq for doc in documents for seq in doc.sequences]
     tokens = torch.cat([seq.tokens for seq in sequences]) if sequences else torch.zeros(0, dtype=torch.long)
-    first_sequence, start = [], []
+    first_sequence, start, alias = [], [], []
     offset = 0
     for doc in documents:
-        first_sequence.append(len(start))
+        first = len(start)
+        first_sequence.append(first)
+        alias.extend(first + member for member in doc.aliases)
         for seq in doc.sequences:
             start.append(offset)
             offset += len(seq.tokens)
-    return _Sources(sequences=sequences, tokens=tokens, start=start, first_sequence=first_sequence)
+    return _Sources(sequences=sequences, tokens=tokens, start=start, first_sequence=first_sequence, alias=alias)
 
 
-def _plan_segments(documents: list[DocumentSpec], rows: _RowPlan, sources: _Sources) -> _SegmentPlan:
-    """One Python step per shared prefix and per branch: where each run of tokens goes, and its attention group."""
-    plan = _SegmentPlan(segments=[], last_flat=[0] * len(sources.sequences), trunk_groups=[], side_groups=[])
-    for row, members in enumerate(rows.members):
-        dest = row * rows.length
-        for doc_index in members:
-            doc = documents[doc_index]
-            start = doc.branch_start
-            first = sources.first_sequence[doc_index]
-            shared_dest = dest
-            if start:  # shared prefix: scored, if at all, for the document's first sequence
-                owner = first + doc.branches[0]
-                weight = len(doc.sequences)
-                plan.segments.append(_Segment(sources.start[owner], start, dest, 0, doc_index, 0, owner, weight))
-                dest += start
-            for branch, member in enumerate(doc.branches, start=1):
-                index = first + member
-                length = len(doc.sequences[member].tokens) - start
-                weight = doc.aliases.count(member)
+def _plan_segments(trees: list[list[PrefixTree]], rows: _RowPlan, sources: _Sources) -> _SegmentPlan:
+    """One Python step per tree node (and per sequence through it): where each node's tokens go, which sequences
+    it serves, and its attention group."""
+    plan = _SegmentPlan(segments=[], scored=[], last_flat=[0] * len(sources.sequences), trunk_groups=[], side_groups=[])
+    copies: dict[int, list[int]] = {}
+    for index, alias in enumerate(sources.alias):
+        copies.setdefault(alias, []).append(index)
+    tree_id = 0
+    for row, row_trees_ in enumerate(trees):
+        row_start = row * rows.length
+        dest = row_start
+        for tree in row_trees_:
+            sizes = tree.subtree_tokens()
+            shared_root = len(tree.nodes) > 1
+            node_dest: list[int] = []
+            for node_id, node in enumerate(tree.nodes):
+                node_dest.append(dest)
+                sequences = [copy for member in node.members for copy in copies[member]]
+                plan.scored.extend((len(plan.segments), sequence) for sequence in sequences)
                 plan.segments.append(
-                    _Segment(sources.start[index] + start, length, dest, start, doc_index, branch, index, weight)
+                    _Segment(
+                        source=sources.start[node.owner] + node.start,
+                        length=node.length,
+                        dest=dest,
+                        position=node.start,
+                        document=tree_id,
+                        branch=node_id if shared_root else 1,
+                        sequence=node.owner,
+                        weight=len(sequences),
+                        position_offset=tree.position_offset,
+                        span_end=dest - row_start + sizes[node_id],
+                    )
                 )
-                plan.last_flat[index] = dest + length - 1
-                if branch == 1:
-                    plan.trunk_groups.append(AttentionGroup(shared_dest, start + length, 0, shared_dest, start, dest))
-                else:
-                    plan.side_groups.append(AttentionGroup(dest, length, start, shared_dest, start, dest))
-                dest += length
+                if len(node.members) == 1 and node.stop == len(sources.sequences[node.owner].tokens):
+                    for copy in copies[node.owner]:
+                        plan.last_flat[copy] = dest + node.length - 1
+                dest += node.length
+            trunk = tree.trunk()
+            trunk_nodes = set(trunk)
+            plan.trunk_groups.append(AttentionGroup(node_dest[0], sum(tree.nodes[i].length for i in trunk), 0, ()))
+            for node_id in range(len(tree.nodes)):
+                if node_id in trunk_nodes:
+                    continue
+                node = tree.nodes[node_id]
+                runs = tuple((node_dest[i], tree.nodes[i].length) for i in tree.ancestors(node_id))
+                plan.side_groups.append(AttentionGroup(node_dest[node_id], node.length, node.start, runs))
+            tree_id += 1
     return plan
 
 
@@ -157,19 +202,31 @@ def _empty_rows(size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
         "shift_labels": torch.full((size,), IGNORE_INDEX, dtype=torch.long),
         "document_ids": torch.full((size,), PAD_DOCUMENT, dtype=torch.long),
         "branch_ids": torch.full((size,), PAD_DOCUMENT, dtype=torch.long),
+        "span_ends": torch.full((size,), PAD_DOCUMENT, dtype=torch.long),
         "token_weights": torch.zeros(size, dtype=torch.long),
         "source_index": torch.full((size,), -1, dtype=torch.long),
     }
 
 
-def _place_tokens(
-    flat: dict[str, torch.Tensor], segments: list[_Segment], sources: _Sources, virtual_length: int
-) -> _Placement:
-    """Write every segment's tokens, positions, document / branch ids, weights and stock source into the rows."""
-    table = torch.tensor(
-        [[s.source, s.length, s.dest, s.position, s.document, s.branch, s.sequence, s.weight] for s in segments]
+def _segment_table(segments: list[_Segment]) -> torch.Tensor:
+    return torch.tensor(
+        [
+            [s.source, s.length, s.dest, s.position, s.document, s.branch, s.sequence, s.weight, s.position_offset]
+            + [s.span_end]
+            for s in segments
+        ]
     )
-    seg_source, seg_length, seg_dest, seg_position, seg_document, seg_branch, seg_sequence, seg_weight = table.unbind(1)
+
+
+def _place_tokens(
+    flat: dict[str, torch.Tensor], table: torch.Tensor, sources: _Sources, virtual_length: int
+) -> _Placement:
+    """Write every segment's tokens, positions, tree / node ids, subtree ends, weights and stock source into the
+    rows."""
+    seg_source, seg_length, seg_dest, seg_position, seg_document, seg_branch, seg_sequence, seg_weight = table[
+        :, :8
+    ].unbind(1)
+    seg_offset, seg_span_end = table[:, 8], table[:, 9]
     run, within = _spans(seg_length)
     src = seg_source[run] + within
     dst = seg_dest[run] + within
@@ -179,9 +236,10 @@ def _place_tokens(
     )
     owner = seg_sequence[run]
     flat["input_ids"][dst] = sources.tokens[src]
-    flat["position_ids"][dst] = pos + seq_info[owner, 3]
+    flat["position_ids"][dst] = pos + seg_offset[run]
     flat["document_ids"][dst] = seg_document[run]
     flat["branch_ids"][dst] = seg_branch[run]
+    flat["span_ends"][dst] = seg_span_end[run]
     flat["token_weights"][dst] = seg_weight[run]
     flat["source_index"][dst] = seq_info[owner, 2] * virtual_length + seq_info[owner, 3] + pos
     return _Placement(src=src, dst=dst, pos=pos, owner=owner, seq_info=seq_info)
@@ -189,38 +247,44 @@ def _place_tokens(
 
 def _score_positions(
     flat: dict[str, torch.Tensor],
-    placed: _Placement,
-    documents: list[DocumentSpec],
+    table: torch.Tensor,
+    scored: list[tuple[int, int]],
     sources: _Sources,
-    last_flat: list[int],
     num_virtual_rows: int,
     virtual_length: int,
 ) -> dict[str, torch.Tensor]:
-    """Label every position that predicts a scored token, and map it to the shifted virtual layout.
+    """Label every position that predicts a scored token of any sequence through its node, and map each such
+    (position, sequence) pair to the shifted virtual layout.
 
-    Position j of a sequence predicts its token j+1 when that token is a completion token. A sequence identical to an
-    earlier one of its document is scored from that one's branch: same packed positions, its own virtual row (and
-    ``last_flat`` is updated in place to read its last token there).
-    """
-    info = placed.seq_info
-    next_pos = placed.pos + 1
-    labelled = (next_pos < info[placed.owner, 0]) & (next_pos >= info[placed.owner, 1])
-    label_index = placed.dst[labelled]
-    flat["shift_labels"][label_index] = sources.tokens[placed.src[labelled] + 1]
-    labelled_owner, labelled_pos = placed.owner[labelled], placed.pos[labelled]
-    for doc_index, doc in enumerate(documents):
-        first = sources.first_sequence[doc_index]
-        for member, alias in enumerate(doc.aliases):
-            if alias != member:
-                last_flat[first + member] = last_flat[first + alias]
-                same = labelled_owner == first + alias
-                label_index = torch.cat([label_index, label_index[same]])
-                labelled_owner = torch.cat([labelled_owner, labelled_owner[same].fill_(first + member)])
-                labelled_pos = torch.cat([labelled_pos, labelled_pos[same]])
-    virtual_row = info[labelled_owner, 2]
+    Position j of a sequence predicts its token j+1 when that token is scored (``first_label <= j + 1 < length``).
+    Inside a node every sequence through it has the same next token, so one packed position may be scored for
+    several sequences (a shared prompt token scored by ORPO's NLL for every chosen response; an identical sequence,
+    scored from its first copy's positions)."""
+    empty = torch.zeros(0, dtype=torch.long)
+    pairs = torch.tensor(scored, dtype=torch.long).view(-1, 2)
+    segment, sequence = pairs[:, 0], pairs[:, 1]
+    info = torch.tensor([[len(q.tokens), q.first_label, q.virtual_row, q.position_offset] for q in sources.sequences])
+    start = table[segment, 3]
+    stop = start + table[segment, 1]
+    low = torch.maximum(start, info[sequence, 1] - 1)
+    high = torch.minimum(stop, info[sequence, 0] - 1)
+    counts = (high - low).clamp(min=0)
+    if int(counts.sum()) == 0:
+        return {
+            "label_index": empty,
+            "target_index": empty,
+            "branch_lengths": torch.zeros(num_virtual_rows, dtype=torch.long),
+        }
+    pair, within = _spans(counts)
+    depth = low[pair] + within  # j: the predicting position's index in its sequence
+    label_index = table[segment[pair], 2] + depth - start[pair]
+    owner_source = table[segment[pair], 0] - start[pair]  # source offset of the owner's token 0
+    flat["shift_labels"][label_index] = sources.tokens[owner_source + depth + 1]
+    labelled = sequence[pair]
+    virtual_row = info[labelled, 2]
     return {
         "label_index": label_index,
-        "target_index": virtual_row * (virtual_length - 1) + info[labelled_owner, 3] + labelled_pos,
+        "target_index": virtual_row * (virtual_length - 1) + info[labelled, 3] + depth,
         "branch_lengths": torch.bincount(virtual_row, minlength=num_virtual_rows),
     }
 
@@ -242,6 +306,8 @@ def pack_documents(
     sdpa_buckets: bool = True,
     pack: bool = True,
     source_index: bool = False,
+    prefix_tree: bool = False,
+    shift_positions: bool = False,
 ) -> Layout:
     """Lay documents out in packed rows.
 
@@ -255,6 +321,10 @@ def pack_documents(
         sdpa_buckets: also build the index/mask tensors of the per-group SDPA decomposition (CPU kernel).
         pack: ``False`` puts every document in its own row, rows padded to the longest (ablation baseline).
         source_index: also return ``source_index`` (needed by image prompts only).
+        prefix_tree: merge the documents of a row into prefix trees (``tree.py``): prompts that agree on their
+            first tokens share them, however many documents they come from. ``False``: one-level documents.
+        shift_positions: let documents whose sequences start at different position ids merge (each tree numbered
+            from its first sequence's offset): exact only for models that see positions through their differences.
 
     Returns a dict of tensors: ``input_ids``, ``position_ids``, ``shift_labels``, ``document_ids``, ``branch_ids``
     (all ``[rows, T]``), ``label_index`` (flat packed index of every labelled position, row-major) and
@@ -262,14 +332,17 @@ def pack_documents(
     stock rows hold each packed token: weights of per-token statistics such as the MoE load-balancing loss, 0 on
     row padding), ``branch_lengths`` (labelled tokens per sequence, by virtual row), ``last_index`` (flat packed
     index of each sequence's last token, by virtual row: where a reward model reads its score), and
-    ``source_index`` when asked (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]``
+    ``span_ends`` (``[rows, T]``, row-local index where the subtree of each token's node ends, -1 on row padding: key
+    ``k`` is visible from query ``q`` of its row iff ``k <= q < span_ends[k]``), ``source_index`` when asked (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]``
     batch of the token each packed position holds, -1 on row padding: how per-token stock inputs such as image
     features, multimodal positions or token types are gathered into the packed rows), and ``attention_buckets`` (a
     list) when ``sdpa_buckets``.
     """
-    rows = _plan_rows(documents, max_row_tokens, pad_to_multiple_of, pack)
     sources = _gather_sources(documents)
-    plan = _plan_segments(documents, rows, sources)
+    rows, trees = _plan_rows(
+        documents, sources, max_row_tokens, pad_to_multiple_of, pack, prefix_tree and pack, shift_positions
+    )
+    plan = _plan_segments(trees, rows, sources)
     flat = _empty_rows(rows.flat_size, pad_token_id)
     scored = {
         "label_index": torch.zeros(0, dtype=torch.long),
@@ -277,11 +350,12 @@ def pack_documents(
         "branch_lengths": torch.zeros(num_virtual_rows, dtype=torch.long),
     }
     if plan.segments:
-        placed = _place_tokens(flat, plan.segments, sources, virtual_length)
-        scored = _score_positions(flat, placed, documents, sources, plan.last_flat, num_virtual_rows, virtual_length)
+        table = _segment_table(plan.segments)
+        _place_tokens(flat, table, sources, virtual_length)
+        scored = _score_positions(flat, table, plan.scored, sources, num_virtual_rows, virtual_length)
 
     shape = (rows.num_rows, rows.length)
-    names = ("input_ids", "position_ids", "shift_labels", "document_ids", "branch_ids", "token_weights")
+    names = ("input_ids", "position_ids", "shift_labels", "document_ids", "branch_ids", "span_ends", "token_weights")
     batch: Layout = {name: flat[name].view(shape) for name in names}
     batch.update(scored)
     batch["last_index"] = _last_index(sources.sequences, plan.last_flat, num_virtual_rows)

@@ -104,11 +104,13 @@ def ragged_gated_delta_rule(
     heads, d_k, d_v = query.size(1), query.size(-1), value.size(-1)
     outputs = []
     final_states = None
-    for level, steps in enumerate(schedule.steps):
+    for level, steps in enumerate(schedule.steps):  # tree depths: roots from zero, then each from its parents
         if level_sizes[level] == 0:
             continue
-        zero = level == 0
-        state = query.new_zeros((level_sizes[0], heads, d_k, d_v)) if zero else final_states[schedule.parent_rank]
+        if level == 0:
+            state = query.new_zeros((level_sizes[0], heads, d_k, d_v))
+        else:
+            state = final_states[schedule.parent_rank[level]]
         for first, active in steps:
             rows = slice(first, first + active)
             current = state[:active]
@@ -116,8 +118,7 @@ def ragged_gated_delta_rule(
             outputs.append(query_decayed[rows] @ current + within[rows] @ fresh)
             advanced = current * chunk_decay[rows] + key_to_end[rows].transpose(-1, -2) @ fresh
             state = advanced if active == state.size(0) else torch.cat([advanced, state[active:]])
-        if level == 0:
-            final_states = state
+        final_states = state
     if not outputs:
         return value.new_zeros((1, schedule.output.numel(), heads, d_v)).to(out_dtype)
     per_slot = torch.cat(outputs).transpose(1, 2).reshape(-1, heads, d_v)  # [chunks * C, H, d_v]

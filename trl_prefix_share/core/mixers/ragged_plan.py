@@ -1,16 +1,16 @@
 """Index tensors that let a mixer's convolution and chunked scan run on the packed tokens themselves, built once per
 step from the layout and shared by every mixer layer and every forward of the step.
 
-A packed layout is a flat run of segments: each shared prefix (from a zero state), each branch (from the state at the
-end of its document's prefix, or from zero when the document shares nothing), and row padding (in no segment). The
-unpadded ("ragged") run computes the mixer's projections once over all packed tokens, then
+A packed layout is a flat run of segments, one per node of a prefix tree: each root from a zero state, every other
+node from the state at the end of its parent node (a one-level document: a prefix and its branches), and row padding
+(in no segment). The unpadded ("ragged") run computes the mixer's projections once over all packed tokens, then
 
 - the causal convolution over one gathered sequence where every segment is preceded by the ``K - 1`` inputs its
-  convolution must see (its parent prefix's last inputs, or zeros): one convolution call, no padding but those
-  columns (`conv_gather`);
+  convolution must see (the last inputs of its chain of ancestors, or zeros): one convolution call, no padding but
+  those columns (`conv_gather`);
 - the chunked scan over chunks cut per segment (only a segment's last chunk is padded), phase one batched over every
-  chunk, phase two a loop over chunk index in which all segments that still have a chunk advance together: the
-  prefixes first, then the branches from their prefixes' final states (`chunk_schedule`).
+  chunk, phase two a loop over chunk index in which all segments that still have a chunk advance together, one tree
+  depth after the other: roots from zero, then each depth from its parents' final states (`chunk_schedule`).
 
 Everything is vectorised over segments and tokens; Python loops run over segments (once per step) or over chunk
 steps, never over tokens.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trl_prefix_share.core.mixers.segments import token_runs
+from trl_prefix_share.core.mixers.segments import token_runs, tree_parents
 
 #: transformers' and flash-linear-attention's chunk length for the gated delta rule.
 DELTA_CHUNK = 64
@@ -46,25 +46,25 @@ class ChunkSchedule:
     Attributes:
         slots: ``[chunks, chunk]`` flat token index of each chunk slot (``num_tokens``: a zero slot past a segment).
         output: ``[num_tokens]`` each flat token's slot in ``slots.reshape(-1)`` (``slots.numel()``: none).
-        steps: per level (0: segments from a zero state, 1: branches from their prefix), ``(first_chunk, active)``
-            for each chunk step: the chunks ``first_chunk : first_chunk + active`` belong to the level's first
-            ``active`` segments (sorted by chunk count, longest first), so their states are the state tensor's first
-            ``active`` rows.
+        steps: per level (tree depth; 0: segments from a zero state), ``(first_chunk, active)`` for each chunk step:
+            the chunks ``first_chunk : first_chunk + active`` belong to the level's first ``active`` segments (sorted
+            by chunk count, longest first), so their states are the state tensor's first ``active`` rows.
         level_sizes: how many segments each level has.
-        parent_rank: for each level-1 segment (in its level's order), its parent's row among level 0's final states.
+        parent_rank: per level (level 0: empty), for each of its segments in its level's order, its parent's row
+            among the previous level's final states.
     """
 
     slots: torch.Tensor
     output: torch.Tensor
-    steps: tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]
-    level_sizes: tuple[int, int]
-    parent_rank: torch.Tensor
+    steps: tuple[tuple[tuple[int, int], ...], ...]
+    level_sizes: tuple[int, ...]
+    parent_rank: tuple[torch.Tensor, ...]
 
 
 @dataclass
 class RaggedPlan:
     """The segments of one packed layout in flat token order (on the CPU): ``starts``, ``lengths`` and ``parents``
-    (index of the segment a branch continues from, -1 for a zero state). Convolution gathers and chunk schedules are
+    (index of the segment a node continues from, -1 for a zero state). Convolution gathers and chunk schedules are
     built on first use for each kernel or chunk size and device, and kept for the step."""
 
     starts: torch.Tensor
@@ -89,20 +89,16 @@ class RaggedPlan:
                 schedule.output.to(device),
                 schedule.steps,
                 schedule.level_sizes,
-                schedule.parent_rank.to(device),
+                tuple(rank.to(device) for rank in schedule.parent_rank),
             )
         return self._built[key]
 
 
-def build_ragged_plan(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> RaggedPlan:
-    """The segments of packed rows (``[rows, T]`` document and branch ids, -1 on row padding; branch 0 is a document's
-    shared prefix), each branch pointing at its document's prefix segment."""
-    starts, lengths, documents, branches = token_runs(document_ids.cpu(), branch_ids.cpu())
-    is_prefix = branches == 0
-    prefix_of_document = torch.full((int(documents.max()) + 1 if len(documents) else 1,), -1, dtype=torch.long)
-    prefix_of_document[documents[is_prefix]] = is_prefix.nonzero().squeeze(1)
-    parents = torch.where(is_prefix, -1, prefix_of_document[documents])
-    return RaggedPlan(starts, lengths, parents, document_ids.numel())
+def build_ragged_plan(document_ids: torch.Tensor, branch_ids: torch.Tensor, span_ends: torch.Tensor) -> RaggedPlan:
+    """The segments of packed rows (``[rows, T]`` document and branch ids, -1 on row padding, and the layout's
+    subtree ends), each pointing at its parent node's segment."""
+    starts, lengths, _, _ = token_runs(document_ids.cpu(), branch_ids.cpu())
+    return RaggedPlan(starts, lengths, tree_parents(starts, lengths, span_ends.cpu()), document_ids.numel())
 
 
 def _conv_gather(plan: RaggedPlan, kernel_size: int) -> ConvGather:
@@ -114,11 +110,19 @@ def _conv_gather(plan: RaggedPlan, kernel_size: int) -> ConvGather:
     local = torch.arange(total) - offsets[segment]
     is_token = local >= history
     token_source = plan.starts[segment] + local - history
-    # History slot m of a branch: its parent's input `history - m` positions before the parent's end, if it exists.
-    parent = plan.parents[segment].clamp(min=0)
-    back = plan.lengths[parent] - history + local
-    has_history = (plan.parents[segment] >= 0) & (back >= 0)
-    history_source = torch.where(has_history, plan.starts[parent] + back, plan.num_tokens)
+    # History slot m of a segment: the input ``history - m`` positions before its start along its chain of
+    # ancestors: in its parent when the parent is long enough, else further up (each ancestor holds >= 1 token, so
+    # ``history`` climbs reach any slot), zero past a root.
+    ancestor = plan.parents[segment]
+    back = plan.lengths[ancestor.clamp(min=0)] - history + local
+    for _ in range(history):
+        climb = (back < 0) & (ancestor >= 0)
+        if not bool(climb.any()):
+            break
+        ancestor = torch.where(climb, plan.parents[ancestor.clamp(min=0)], ancestor)
+        back = torch.where(climb & (ancestor >= 0), back + plan.lengths[ancestor.clamp(min=0)], back)
+    has_history = (ancestor >= 0) & (back >= 0)
+    history_source = torch.where(has_history, plan.starts[ancestor.clamp(min=0)] + back, plan.num_tokens)
     source = torch.where(is_token, token_source, history_source)
     outputs = total - history
     output = torch.full((plan.num_tokens,), outputs, dtype=torch.long)
@@ -126,11 +130,22 @@ def _conv_gather(plan: RaggedPlan, kernel_size: int) -> ConvGather:
     return ConvGather(source, output)
 
 
+def _depths(parents: torch.Tensor) -> torch.Tensor:
+    """Tree depth of every segment (parents come before their children)."""
+    depth = torch.zeros_like(parents)
+    for index, parent in enumerate(parents.tolist()):
+        if parent >= 0:
+            depth[index] = depth[parent] + 1
+    return depth
+
+
 def _chunk_schedule(plan: RaggedPlan, chunk: int) -> ChunkSchedule:
     counts = (plan.lengths + chunk - 1) // chunk
-    levels = [(plan.parents < 0).nonzero().squeeze(1), (plan.parents >= 0).nonzero().squeeze(1)]
+    depth = _depths(plan.parents)
+    num_levels = int(depth.max()) + 1 if len(depth) else 1
     rank = torch.empty_like(plan.lengths)
     order_chunks, steps, first = [], [], 0
+    levels = [(depth == level).nonzero().squeeze(1) for level in range(num_levels)]
     levels = [members[torch.argsort(counts[members], descending=True, stable=True)] for members in levels]
     for members in levels:
         rank[members] = torch.arange(len(members))
@@ -150,5 +165,8 @@ def _chunk_schedule(plan: RaggedPlan, chunk: int) -> ChunkSchedule:
     slots = torch.where(inside, plan.starts[segment][:, None] + position, plan.num_tokens)
     output = torch.full((plan.num_tokens,), slots.numel(), dtype=torch.long)
     output[slots[inside]] = torch.arange(slots.numel()).view_as(slots)[inside]
-    parent_rank = rank[plan.parents[levels[1]]]
-    return ChunkSchedule(slots, output, (steps[0], steps[1]), (len(levels[0]), len(levels[1])), parent_rank)
+    parent_rank = tuple(
+        rank[plan.parents[members]] if level else torch.zeros(0, dtype=torch.long)
+        for level, members in enumerate(levels)
+    )
+    return ChunkSchedule(slots, output, tuple(steps), tuple(len(members) for members in levels), parent_rank)

@@ -36,7 +36,7 @@ def segments_of(layout: PackedAttentionLayout, device: torch.device, left_padded
     """The layout's mixer segments, built on the first mixer call of a step that needs them."""
     return layout.cached(
         ("mixer_segments", str(device), left_padded),
-        lambda: build_segments(layout.document_ids, layout.branch_ids, left_padded).to(device),
+        lambda: build_segments(layout.document_ids, layout.branch_ids, layout.span_ends, left_padded).to(device),
     )
 
 
@@ -134,7 +134,9 @@ def _segmented_forward(module: torch.nn.Module, hidden_states: torch.Tensor | No
     layout.mixer_calls += 1
     recipe = instance_recipe(module, original) if type(module) not in _PADDED else _PADDED[type(module)]
     if not isinstance(recipe, str):
-        plan = layout.cached("ragged_plan", lambda: build_ragged_plan(layout.document_ids, layout.branch_ids))
+        plan = layout.cached(
+            "ragged_plan", lambda: build_ragged_plan(layout.document_ids, layout.branch_ids, layout.span_ends)
+        )
         try:
             return run_ragged(module, hidden_states, plan, recipe, **kwargs)
         except RaggedUnsupported as reason:

@@ -83,6 +83,23 @@ def token_runs(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> tuple[to
     return starts, lengths, document[starts], branch[starts]
 
 
+def tree_parents(starts: torch.Tensor, lengths: torch.Tensor, span_ends: torch.Tensor) -> torch.Tensor:
+    """For runs in flat order (each one tree node), the index of the run each continues from (its parent node), -1
+    for a root. ``span_ends``: the layout's ``[rows, T]`` row-local subtree ends. Trees are laid out depth first, so
+    a run's parent is the nearest earlier run whose subtree holds its first token (a stack, once per run)."""
+    width = span_ends.size(1)
+    flat_end = (starts // width) * width + span_ends.reshape(-1)[starts]
+    parents = torch.full_like(starts, -1)
+    open_runs: list[tuple[int, int]] = []  # (run, flat subtree end), innermost last
+    for run, (start, end) in enumerate(zip(starts.tolist(), flat_end.tolist(), strict=True)):
+        while open_runs and open_runs[-1][1] <= start:
+            open_runs.pop()
+        if open_runs:
+            parents[run] = open_runs[-1][0]
+        open_runs.append((run, end))
+    return parents
+
+
 def length_buckets(lengths: list[int], call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
     """Indices of ``lengths`` in buckets of similar length, minimising padded slots + ``call_cost`` per bucket.
 
@@ -120,12 +137,24 @@ def _batch(starts, lengths, members: list[int], min_width: int = 1, left: bool =
     return SegmentBatch(index, None if bool(valid.all()) else valid, members_t)
 
 
-def build_segments(document_ids: torch.Tensor, branch_ids: torch.Tensor, left_padded: bool) -> MixerSegments:
+def build_segments(
+    document_ids: torch.Tensor, branch_ids: torch.Tensor, span_ends: torch.Tensor, left_padded: bool
+) -> MixerSegments:
     """Cut packed rows (``[rows, T]`` document and branch ids, -1 on row padding; branch 0 is a shared prefix) into
     the calls of a segmented mixer run; ``left_padded``: prefixes in left-padded length buckets (for mixers whose
-    state stays zero over zeroed padding), else one unpadded call per prefix length."""
+    state stays zero over zeroed padding), else one unpadded call per prefix length.
+
+    The padded run serves one-level trees only (a prefix and its branches): a node below a branch would need that
+    branch's final state, which a right-padded call does not give. Trainers keep such models on one-level layouts
+    (``prefix_tree`` resolves to off for them); a deeper layout reaching here is refused, never run wrong."""
     document_ids, branch_ids = document_ids.cpu(), branch_ids.cpu()
     starts, lengths, documents, branches = token_runs(document_ids, branch_ids)
+    parents = tree_parents(starts, lengths, span_ends.cpu())
+    if bool(((parents >= 0) & (parents[parents.clamp(min=0)] >= 0)).any()):
+        raise NotImplementedError(
+            "A prefix tree deeper than one level reached a mixer that runs on padded segments (Mamba2 / Kimi delta "
+            "mixers, or one whose forward the unpadded run could not read). Set `prefix_tree=False` in the config."
+        )
     is_prefix = branches == 0
     prefix_starts, prefix_lengths = starts[is_prefix], lengths[is_prefix]
     prefix_length_list = prefix_lengths.tolist()
