@@ -148,18 +148,31 @@ def assert_log_probs_match(actual: torch.Tensor, expected: torch.Tensor, batch: 
 
 
 def shared_pairs(batch: dict) -> int:
-    """Pairs whose packed document holds fewer tokens than its two sequences (so the prompt really was shared)."""
-    packed = batch[PACKED_KEY]
+    """Pairs whose chosen and rejected rows hold the same prompt (the prompt tokens, those before the completion
+    mask turns on, are equal), so the layout really shares inside the pair; keep_end tails may differ."""
     half = batch["input_ids"].size(0) // 2
-    lengths = batch["attention_mask"].sum(1)
-    counts = torch.bincount(packed["document_ids"][packed["document_ids"] >= 0], minlength=half)
-    return int((counts < lengths[:half] + lengths[half:]).sum())
+    prompt = (batch["completion_mask"] == 0) & (batch["attention_mask"] == 1)
+    prompts = [tuple(row[mask].tolist()) for row, mask in zip(batch["input_ids"], prompt, strict=True)]
+    return sum(prompts[b] == prompts[half + b] for b in range(half))
+
+
+def trees(batch: dict) -> int:
+    """Prefix trees of the packed rows: fewer than the pairs when different pairs' prompts share their start."""
+    return len(torch.unique(batch[PACKED_KEY]["document_ids"][batch[PACKED_KEY]["document_ids"] >= 0]))
 
 
 LAYOUTS = {
     "one-row": dict(),  # all documents in one row
     "rows": dict(max_row_tokens=2 * MAX_LENGTH + 8, pad_to_multiple_of=16),  # several rows, padded
+    "tree": dict(),  # one row, every prompt behind one system prompt: a prefix tree over all pairs
 }
+SYSTEM_PROMPT = "You are a careful assistant. Answer the question below in plain words, and say so when unsure.\n\n"
+
+
+def with_system_prompt(tokenizer, examples: list[dict]) -> list[dict]:
+    """The pairs with one system prompt in front of every prompt (what many instruction recipes add)."""
+    system = tokenizer(SYSTEM_PROMPT)["input_ids"]
+    return [{**example, "prompt_ids": system + example["prompt_ids"]} for example in examples]
 
 
 # -- equivalence ----------------------------------------------------------------------------------------------------
@@ -169,10 +182,17 @@ LAYOUTS = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_packed_sdpa_forward_matches_unpadded_sequences(tokenizer, examples, case, layout):
     reference, packed = model_pair(case, len(tokenizer))
-    batch = collate(tokenizer, examples, **LAYOUTS[layout])
+    if layout == "tree":
+        examples = with_system_prompt(tokenizer, examples)
+    batch = collate(
+        tokenizer, examples, truncation_mode="keep_start" if layout == "tree" else "keep_end", **LAYOUTS[layout]
+    )
     rows = batch[PACKED_KEY]["input_ids"].size(0)
-    assert rows == 1 if layout == "one-row" else rows > 1
-    assert 0 < shared_pairs(batch) < len(examples), "want both shared and (keep_end) unshared pairs"
+    assert rows == 1 if layout != "rows" else rows > 1
+    if layout == "tree":
+        assert trees(batch) == 1, "want every pair's prompt in one tree"
+    else:
+        assert 0 < shared_pairs(batch) < len(examples), "want both shared and (keep_end) unshared pairs"
     expected = cached_reference_log_probs(case, reference, batch)
     with torch.no_grad():
         outputs = packed_outputs(packed, batch)

@@ -65,7 +65,7 @@ def dense_rule(layout: PackedAttentionLayout, window: int | None) -> torch.Tenso
                 visible[r, q, k] = nodes[k] in chain
     if window is not None:
         visible &= (pos[:, :, None] - pos[:, None, :] < window) | (doc[:, :, None] < 0)
-    return visible & ((index[None, None, :] <= index[None, :, None]))
+    return visible & (index[None, None, :] <= index[None, :, None])
 
 
 def per_block(mask: torch.Tensor, reduce: str) -> torch.Tensor:

@@ -225,7 +225,9 @@ def one_level_span_ends(document_ids: torch.Tensor, branch_ids: torch.Tensor) ->
             doc, branch = int(document_ids[row, index]), int(branch_ids[row, index])
             if doc < 0:
                 continue
-            same = (document_ids[row] == doc) if branch == 0 else (document_ids[row] == doc) & (branch_ids[row] == branch)
+            same = (
+                (document_ids[row] == doc) if branch == 0 else (document_ids[row] == doc) & (branch_ids[row] == branch)
+            )
             span[row, index] = int(same.nonzero().max()) + 1
     return span
 

@@ -17,6 +17,7 @@ from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
 from trl_prefix_share.core.preference.prompt_groups import GroupByPrompt
 from trl_prefix_share.core.tested_versions import with_drift_note
+from trl_prefix_share.core.tree_support import probe_packing
 from trl_prefix_share.core.vision.model_kinds import vision_support
 
 
@@ -87,7 +88,8 @@ def _probe_examples(vocab_size: int) -> list[dict[str, list[int]]]:
     def tokens(n: int) -> list[int]:
         return torch.randint(1, high, (n,), generator=generator).tolist()
 
-    long_prompt, short_prompt, tiny_prompt = tokens(13), tokens(4), tokens(2)
+    head = tokens(3)  # common to every prompt: a two-level prefix tree where the model takes trees
+    long_prompt, short_prompt, tiny_prompt = head + tokens(10), head + tokens(1), tokens(2)
     return [
         {"prompt_ids": long_prompt, "chosen_ids": tokens(9), "rejected_ids": tokens(5)},
         {"prompt_ids": short_prompt, "chosen_ids": tokens(3), "rejected_ids": tokens(11)},
@@ -96,12 +98,12 @@ def _probe_examples(vocab_size: int) -> list[dict[str, list[int]]]:
     ]
 
 
-def _probe_batch(vocab_size: int, kernel: str) -> dict:
+def _probe_batch(vocab_size: int, options: PackingOptions) -> dict:
     """Several documents in one row, one with K=4 branches (grouped by prompt), padded stock rows alongside."""
     collator = PrefixSharedPreferenceCollator(
         DataCollatorForPreference(pad_token_id=0),
         pad_token_id=0,
-        options=PackingOptions(kernel=kernel),
+        options=options,
         group_documents=GroupByPrompt(),
     )
     return collator(_probe_examples(vocab_size))
@@ -153,7 +155,7 @@ def verify_packed_forward(model: torch.nn.Module, kernel: str, device: torch.dev
     derives positions from the mask, or mixes positions in a layer that does not look like one.
     """
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    batch = move_to_device(_probe_batch(vocab_size, kernel), device)
+    batch = move_to_device(_probe_batch(vocab_size, probe_packing(model, kernel)), device)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     mask = labels[:, 1:] != -100
     was_training = model.training

@@ -57,6 +57,11 @@ class PrefixShareArguments:
             DPO: token-budget batches. As many pairs per batch as fit this many packed tokens (prompt once + both
             responses), from shuffled length-sorted buckets; `per_device_train_batch_size` is then not used. Each
             pair weighs the same in the loss across micro-batches and processes (see `token_budget.py`).
+        prefix_tree (`bool`, defaults to `True`):
+            Merge the prompts of a batch into a prefix tree: prompts that start alike (a system prompt, tool schemas,
+            earlier turns) share those tokens too, not only identical prompts. Changes no batching. Off by itself
+            for models that cannot take it (vision-language models; mixers on the padded run), see
+            `docs/prefix_trees.md`.
         drop_invalid_examples (`bool`, defaults to `False`):
             Drop examples prefix sharing cannot train on (an empty response, a document longer than
             `max_row_tokens`) with a warning, instead of raising an error that names them.
@@ -94,6 +99,9 @@ class PrefixShareArguments:
     )
     drop_invalid_examples: bool = field(
         default=False, metadata={"help": "Drop examples prefix sharing cannot train on instead of raising."}
+    )
+    prefix_tree: bool = field(
+        default=True, metadata={"help": "Share what different prompts have in common (a prefix tree per batch)."}
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from trl_prefix_share.core.installer import fall_back, install_or_fall_back, model_to_patch, start_prefix_share
 from trl_prefix_share.core.options import packing_options
 from trl_prefix_share.core.token_metrics import log_batch_token_counts
+from trl_prefix_share.core.tree_support import resolve_tree_layout
 
 #: A model-side switch ``enable(model, kernel)`` and its construction probe ``probe(model, kernel, device)``.
 Switch = tuple[Callable[[torch.nn.Module, str], None], Callable[..., None]]
@@ -63,6 +64,9 @@ class PrefixSharingMixin:
         models = self._prefix_share_models()
         enable, probe = self._prefix_share_switch()
         if install_or_fall_back(self, models, enable, probe, self.prefix_share_kernel):
+            self.prefix_share_tree_refusal = resolve_tree_layout(
+                self.prefix_share_packing, models, self.prefix_share_args.prefix_tree
+            )
             self._wrap_collator(models)
             self.prefix_share_enabled = True
         return self.prefix_share_enabled

@@ -14,7 +14,8 @@ import torch
 
 
 class PackedAttentionLayout:
-    """Tree (document), node (branch), subtree-end and position structure of packed rows plus lazily built, cached masks."""
+    """Tree (document), node (branch), subtree-end and position structure of packed rows, plus lazily built and
+    cached masks."""
 
     def __init__(self, packed: dict[str, Any], kernel: str) -> None:
         self.kernel = kernel

@@ -117,7 +117,9 @@ def _plan_rows(
         if prefix_tree:
             trees.append(row_trees(row_docs, firsts, sources.sequences, shift_positions))
         else:
-            trees.append([tree for doc, first in zip(row_docs, firsts, strict=True) for tree in document_tree(doc, first)])
+            trees.append(
+                [tree for doc, first in zip(row_docs, firsts, strict=True) for tree in document_tree(doc, first)]
+            )
     longest = max((sum(tree.num_tokens for tree in row) for row in trees), default=1)
     return _RowPlan(members=members, length=round_up(max(longest, 1), pad_to_multiple_of)), trees
 
@@ -333,8 +335,8 @@ def pack_documents(
     row padding), ``branch_lengths`` (labelled tokens per sequence, by virtual row), ``last_index`` (flat packed
     index of each sequence's last token, by virtual row: where a reward model reads its score), and
     ``span_ends`` (``[rows, T]``, row-local index where the subtree of each token's node ends, -1 on row padding: key
-    ``k`` is visible from query ``q`` of its row iff ``k <= q < span_ends[k]``), ``source_index`` when asked (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]``
-    batch of the token each packed position holds, -1 on row padding: how per-token stock inputs such as image
+    ``k`` is visible from query ``q`` of its row iff ``k <= q < span_ends[k]``), ``source_index`` when asked
+    (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]`` batch of the token each packed position holds, -1 on row padding: how per-token stock inputs such as image
     features, multimodal positions or token types are gathered into the packed rows), and ``attention_buckets`` (a
     list) when ``sdpa_buckets``.
     """

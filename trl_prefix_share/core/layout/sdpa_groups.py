@@ -63,10 +63,8 @@ def attention_bucket(groups: list[AttentionGroup], trunk: bool) -> dict[str, tor
     key_valid = slot_k < k_len[:, None]
     query_index = torch.where(query_valid, q_start[:, None] + slot_q, 0)
     query_pos = torch.where(query_valid, q_pos[:, None] + slot_q, 0)
-    if trunk:
-        key_index = torch.where(key_valid, q_start[:, None] + slot_k, 0)
-    else:
-        key_index = _side_keys(groups, slot_k.size(1))
+    trunk_keys = torch.where(key_valid, q_start[:, None] + slot_k, 0) if trunk else None
+    key_index = trunk_keys if trunk else _side_keys(groups, slot_k.size(1))
     query_slots = query_valid.reshape(-1).nonzero().squeeze(1)
     return {
         "trunk": trunk,

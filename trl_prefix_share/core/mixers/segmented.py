@@ -147,6 +147,11 @@ def _segmented_forward(module: torch.nn.Module, hidden_states: torch.Tensor | No
     return run_segmented(original, hidden_states, segments_of(layout, hidden_states.device, left_padded), **kwargs)
 
 
+def unsegmented_forward(module: torch.nn.Module):
+    """The mixer's own forward that `install_segmented_mixers` replaced, or None for a module it did not wrap."""
+    return module.__dict__.get(_ORIGINAL)
+
+
 #: Mixer classes a ragged call was refused for at run time, with the reason (they take the padded run from then on).
 _PADDED: dict[type, str] = {}
 _NOTED: set[str] = set()

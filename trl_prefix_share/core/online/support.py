@@ -21,7 +21,8 @@ from trl_prefix_share.core.model_support import (
     verify_packed_forward,
 )
 from trl_prefix_share.core.online.rows import pack_completion_rows
-from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.packing import PACKED_KEY
+from trl_prefix_share.core.tree_support import probe_packing
 
 #: Attribute names of learned or fixed absolute position tables (GPT-2 `wpe`, OPT/BioGPT `embed_positions`, ...).
 POSITION_TABLE_NAMES = frozenset({"wpe", "embed_positions", "position_embeddings", "pos_emb", "embed_pos"})
@@ -56,7 +57,8 @@ def _probe_rows(vocab_size: int, extra_padding: int = 0) -> tuple[torch.Tensor, 
     def tokens(n: int) -> list[int]:
         return torch.randint(1, high, (n,), generator=generator).tolist()
 
-    long_prompt, short_prompt = tokens(6), tokens(3)
+    head = tokens(2)  # common to both prompts, at other position ids (left padding): merged where positions shift
+    long_prompt, short_prompt = head + tokens(4), head + tokens(1)
     first, second = tokens(5), tokens(3)
     rows = [(long_prompt, first), (long_prompt, second), (long_prompt, first), (short_prompt, tokens(4))]
     rows.append((short_prompt, []))
@@ -94,9 +96,7 @@ def verify_online_forward(model: torch.nn.Module, kernel: str, device: torch.dev
     wider_ids, wider_mask, _ = _probe_rows(vocab_size, extra_padding=3)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     wider_ids, wider_mask = wider_ids.to(device), wider_mask.to(device)
-    packed = pack_completion_rows(
-        input_ids, attention_mask, keep, pad_token_id=0, options=PackingOptions(kernel=kernel)
-    )
+    packed = pack_completion_rows(input_ids, attention_mask, keep, pad_token_id=0, options=probe_packing(model, kernel))
     mask = attention_mask[:, -keep:].bool()
     was_training = model.training
     model.eval()

@@ -26,8 +26,9 @@ from trl_prefix_share.core.model_support import (
     probe_tolerance,
     switch_attention,
 )
-from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
+from trl_prefix_share.core.packing import PACKED_KEY
 from trl_prefix_share.core.reward.collator import SCORE_INDEX_KEY, PrefixSharedRewardCollator
+from trl_prefix_share.core.tree_support import probe_packing
 
 _MARK = "_prefix_share_scores"
 # Batch keys that describe the stock padded rows (or TRL's loss inputs): the packed forward replaces them.
@@ -119,7 +120,8 @@ def _probe_examples(vocab_size: int, pad_token_id: int | None) -> list[dict[str,
         ids = torch.randint(1, high, (n,), generator=generator)
         return torch.where(ids == pad_token_id, ids % (high - 1) + 1, ids).tolist()
 
-    first, second, third = tokens(11), tokens(3), tokens(6)
+    head = tokens(3)  # common to the first two prompts: a two-level prefix tree where the model takes trees
+    first, second, third = head + tokens(8), head + tokens(1), tokens(6)
     return [
         {"chosen_ids": first + tokens(7), "rejected_ids": first + tokens(4)},
         {"chosen_ids": second + tokens(10), "rejected_ids": second + tokens(2)},
@@ -140,7 +142,7 @@ def verify_packed_scores(model: torch.nn.Module, kernel: str, device: torch.devi
     collator = PrefixSharedRewardCollator(
         DataCollatorForPreference(pad_token_id=pad),
         pad_token_id=pad,
-        options=PackingOptions(kernel=kernel),
+        options=probe_packing(model, kernel),
     )
     batch = move_to_device(collator(_probe_examples(vocab_size, pad_token_id)), device)
     was_training = model.training
