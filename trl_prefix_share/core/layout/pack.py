@@ -336,8 +336,9 @@ def pack_documents(
     index of each sequence's last token, by virtual row: where a reward model reads its score), and
     ``span_ends`` (``[rows, T]``, row-local index where the subtree of each token's node ends, -1 on row padding: key
     ``k`` is visible from query ``q`` of its row iff ``k <= q < span_ends[k]``), ``source_index`` when asked
-    (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]`` batch of the token each packed position holds, -1 on row padding: how per-token stock inputs such as image
-    features, multimodal positions or token types are gathered into the packed rows), and ``attention_buckets`` (a
+    (``[rows, T]``, flat index in the unshifted stock ``[num_virtual_rows, virtual_length]`` batch of the token
+    each packed position holds, -1 on row padding: how per-token stock inputs such as image features, multimodal
+    positions or token types are gathered into the packed rows), and ``attention_buckets`` (a
     list) when ``sdpa_buckets``.
     """
     sources = _gather_sources(documents)
