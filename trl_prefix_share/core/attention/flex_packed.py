@@ -31,15 +31,19 @@ def build_block_mask(layout: PackedAttentionLayout, sliding_window: int | None, 
     span = layout.span_ends.to(device)
     pos = layout.position_ids.to(device)
     rows, length = span.shape
+    # The query's own index, read from a tensor: torch 2.13's Inductor CPU template for FlexAttention generates C++
+    # that does not compile when a loaded value is compared with the query index itself.
+    column = torch.arange(length, device=device).expand(rows, length)
 
     def mask_mod(b, h, q_idx, kv_idx):
         # The query lies inside the key's subtree (same tree, key an ancestor's or its own node's token) and not
         # before it; row padding (span -1) is nobody's key.
-        real = (kv_idx <= q_idx) & (q_idx < span[b, kv_idx])
+        end = span[b, kv_idx]
+        real = (kv_idx <= q_idx) & (end > column[b, q_idx])
         if sliding_window is not None:
             real = real & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
         # Row padding attends to itself only, so no row of the softmax is empty.
-        return real | ((span[b, q_idx] < 0) & (q_idx == kv_idx))
+        return real | ((end < 0) & (q_idx == kv_idx))
 
     if layout.image_blocks is not None:
         blocks = layout.image_blocks.to(device)
