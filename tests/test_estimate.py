@@ -176,7 +176,7 @@ def test_online_estimate_counts_what_grpo_logs(model_dir, tokenizer):
     from trl import GRPOConfig
 
     from trl_prefix_share import PrefixSharedGRPOTrainer
-    from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_lengths
+    from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_token_ids
 
     dataset = real_prompts(6, offset=80, conversational=True)
     args = online_args(GRPOConfig, per_device_train_batch_size=8, num_train_epochs=1, save_strategy="no")
@@ -189,9 +189,12 @@ def test_online_estimate_counts_what_grpo_logs(model_dir, tokenizer):
     )
     trainer.train()
     logged = trainer.prefix_share_totals
-    prompts = prompt_lengths(dataset, tokenizer)
+    prompt_ids = prompt_token_ids(dataset, tokenizer)
+    prompts = np.array([len(ids) for ids in prompt_ids])
     completions = np.full(len(prompts), args.max_completion_length)
-    estimate = count_online_tokens(prompts, completions, args.num_generations, 8, seed=args.seed)
+    estimate = count_online_tokens(prompts, completions, args.num_generations, 8, seed=args.seed, prompt_ids=prompt_ids)
+    one_level = count_online_tokens(prompts, completions, args.num_generations, 8, seed=args.seed)
+    assert estimate.tokens < one_level.tokens  # the chat template's head is common to every prompt: one tree
     assert estimate.micro_batches == 3
     assert (estimate.stock_tokens, estimate.tokens) == (logged["stock_tokens"], logged["tokens"])
 

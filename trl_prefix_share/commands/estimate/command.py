@@ -93,7 +93,7 @@ def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
         completion_lengths,
         count_online_tokens,
         format_online_report,
-        prompt_lengths,
+        prompt_token_ids,
     )
     from trl_prefix_share.commands.prompt_sets import prompt_only_rows
 
@@ -108,7 +108,8 @@ def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
             raise SystemExit("--completion-column needs a dataset with its own `prompt` column")
         dataset = Dataset.from_list(rows)
     tokenizer = load_tokenizer(args.tokenizer)
-    prompts = prompt_lengths(dataset, tokenizer)
+    prompt_ids = prompt_token_ids(dataset, tokenizer)
+    prompts = np.array([len(ids) for ids in prompt_ids], dtype=np.int64)
     completions = completion_lengths(dataset, tokenizer, args.completion_column, args.max_completion_length)
     source = f"column {args.completion_column!r}" if args.completion_column else "all max_completion_length"
     estimates = [
@@ -121,6 +122,7 @@ def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
             shuffle=not args.no_shuffle,
             seed=args.seed,
             completion_source=source,
+            prompt_ids=prompt_ids,
         )
         for batch_size in args.batch_size
     ]

@@ -3,8 +3,9 @@
 A group is one prompt of P tokens and its G completions of R_g tokens. Stock TRL scores every row padded to the
 micro-batch's longest prompt (left) and completion (right): B x (max P + max R). Unpadded that is sum_g (P + R_g); the
 prefix-shared pass lays the prompt out once: P + sum_g (R_g + 1) (the last prompt token heads each branch). The token
-limit of a group is G(P+R) / (P+GR). Every pass (policy forward, old policy when `num_iterations > 1`, reference when
-`beta > 0`) has the same ratio.
+limit of a group is G(P+R) / (P+GR). Given the prompts' tokens, prompts that start alike (a system prompt, the chat
+template's head) are merged into prefix trees, as the trainers do for rotary models. Every pass (policy forward, old
+policy when `num_iterations > 1`, reference when `beta > 0`) has the same ratio.
 
 Completion lengths are all `max_completion_length` (what early RL steps produce, and the upper bound), or the
 tokenized length of a dataset column (e.g. reference answers) capped at it. Micro-batches: the generation batch of
@@ -19,9 +20,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from trl.data_utils import is_conversational
 
-from trl_prefix_share.commands.estimate.counting import sampler_order
+from trl_prefix_share.commands.estimate.counting import sampler_order, tree_tokens
 from trl_prefix_share.commands.estimate.results import LengthStats
-from trl_prefix_share.commands.prompt_sets import prompt_token_ids
+from trl_prefix_share.commands.estimate.tokenization import prompt_bytes
+from trl_prefix_share.commands.prompt_sets import prompt_token_ids as chat_prompt_ids
 
 
 @dataclass
@@ -52,16 +54,19 @@ class OnlineEstimate:
         return {**asdict(self), "ratio": self.ratio, "unpadded_ratio": self.unpadded_ratio}
 
 
-def prompt_lengths(dataset, tokenizer) -> np.ndarray:
+def prompt_token_ids(dataset, tokenizer) -> list[list[int]]:
     """Prompt tokens as TRL's GRPO/RLOO tokenize them: chat template with the generation prompt, or plain text."""
     prompts = dataset["prompt"]
     if not prompts:
-        return np.zeros(0, dtype=np.int64)
+        return []
     if is_conversational({"prompt": prompts[0]}):
-        ids = [prompt_token_ids(p, tokenizer) for p in prompts]
-    else:
-        ids = tokenizer(list(prompts))["input_ids"]  # one batched call for plain text
-    return np.array([len(i) for i in ids], dtype=np.int64)
+        return [chat_prompt_ids(p, tokenizer) for p in prompts]
+    return tokenizer(list(prompts))["input_ids"]  # one batched call for plain text
+
+
+def prompt_lengths(dataset, tokenizer) -> np.ndarray:
+    """Prompt lengths, tokenized as `prompt_token_ids`."""
+    return np.array([len(ids) for ids in prompt_token_ids(dataset, tokenizer)], dtype=np.int64)
 
 
 def completion_lengths(dataset, tokenizer, column: str | None, max_completion_length: int) -> np.ndarray:
@@ -82,8 +87,14 @@ def count_online_tokens(
     shuffle: bool = True,
     seed: int = 42,
     completion_source: str = "max_completion_length",
+    prompt_ids: list[list[int]] | None = None,
 ) -> OnlineEstimate:
-    """Sum one pass's tokens over the micro-batches of one epoch (the last generation batch may be short)."""
+    """Sum one pass's tokens over the micro-batches of one epoch (the last generation batch may be short).
+
+    With ``prompt_ids`` (each prompt's tokens) a micro-batch's prompts are merged into prefix trees, as the trainers
+    do for models that see positions through their differences (rotary models: nearly every current LM; see
+    ``core/tree_support.py``): a common system prompt or template head is laid out once for all of them."""
+    encoded = None if prompt_ids is None else [prompt_bytes(ids) for ids in prompt_ids]
     if batch_size % num_generations and steps_per_generation == 1:
         raise ValueError(f"batch size {batch_size} is not a multiple of num_generations={num_generations}")
     order = sampler_order(len(prompts), shuffle, seed)
@@ -99,8 +110,11 @@ def count_online_tokens(
             p, c = prompts[micro], completions[micro]
             stock += len(micro) * int(p.max() + c.max())
             unpadded += int((p + c).sum())
-            groups = np.unique(micro)
-            ours += int(prompts[groups].sum()) + int((c + 1).sum()) - len(groups)
+            if encoded is None:
+                groups = np.unique(micro)
+                ours += int(prompts[groups].sum()) + int((c + 1).sum()) - len(groups)
+            else:
+                ours += tree_tokens([(int(prompts[g] + c_g), encoded[g]) for g, c_g in zip(micro, c, strict=True)])
             micro_batches += 1
     return OnlineEstimate(
         prompts=len(prompts),

@@ -26,14 +26,15 @@ def _format_lengths(estimate: SavingsEstimate) -> list[str]:
 def _format_counts(estimates: Sequence[SavingsEstimate]) -> list[str]:
     header = (
         f"{'batch':>5}{'batches':>9}{'stock TRL':>15}{'unpadded':>15}{'prefix-shared':>15}"
-        f"{'stock/ours':>12}{'batch mean':>12}{'unpadded/ours':>15}   expected speedup"
+        f"{'stock/ours':>12}{'one-level':>11}{'batch mean':>12}{'unpadded/ours':>15}   expected speedup"
     )
     lines = [header]
     for e in estimates:
         low, high = e.speedup_range
         lines.append(
             f"{e.batch_size:>5}{e.batches:>9,}{e.stock_tokens:>15,}{e.unpadded_tokens:>15,}{e.tokens:>15,}"
-            f"{e.token_ratio:>11.2f}x{e.mean_batch_ratio:>11.2f}x{e.sharing_ratio:>14.2f}x   {low:.2f}x - {high:.2f}x"
+            f"{e.token_ratio:>11.2f}x{e.one_level_ratio:>10.2f}x{e.mean_batch_ratio:>11.2f}x{e.sharing_ratio:>14.2f}x"
+            f"   {low:.2f}x - {high:.2f}x"
         )
     return lines
 
@@ -73,7 +74,8 @@ def format_report(estimates: Sequence[SavingsEstimate], title: str) -> str:
         "",
         *_format_lengths(first),
         "",
-        "tokens in one epoch (stock TRL: padded [2B, L] batches; unpadded: prompt twice; prefix-shared: ours)",
+        "tokens in one epoch (stock TRL: padded [2B, L] batches; unpadded: prompt twice; prefix-shared: ours, prefix",
+        "trees; one-level: stock/ours when only a pair's own prompt is shared)",
         *_format_counts(estimates),
         "",
         SPEEDUP_NOTE,

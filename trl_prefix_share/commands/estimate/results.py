@@ -30,9 +30,11 @@ class SavingsEstimate:
 
     `stock_tokens` is the sum of `input_ids.numel()` of TRL's padded `[2B, L]` batches, `unpadded_tokens` the
     prompt+chosen and prompt+rejected tokens without padding (prompt counted twice), `tokens` what the prefix-shared
-    packed rows hold (prompt once; identical chosen/rejected laid out once). `mean_batch_ratio` averages stock/ours
-    over batches; `prompt_share` is the prompt's part of `unpadded_tokens`. Length statistics are before truncation;
-    `spliced_checked` counts the pairs whose spliced tokenization was checked against TRL's (0: TRL's was used).
+    packed rows hold (prefix trees: every prompt prefix common to several sequences of a row once; identical
+    chosen/rejected laid out once), `one_level_tokens` the same rows sharing only each pair's own prompt.
+    `mean_batch_ratio` averages stock/ours over batches; `prompt_share` is the prompt's part of `unpadded_tokens`.
+    Length statistics are before truncation; `spliced_checked` counts the pairs whose spliced tokenization was
+    checked against TRL's (0: TRL's was used).
     """
 
     examples: int
@@ -41,6 +43,7 @@ class SavingsEstimate:
     stock_tokens: int
     unpadded_tokens: int
     tokens: int
+    one_level_tokens: int
     mean_batch_ratio: float
     prompt: LengthStats
     chosen: LengthStats
@@ -72,12 +75,22 @@ class SavingsEstimate:
         return self.unpadded_tokens / max(self.tokens, 1)
 
     @property
+    def one_level_ratio(self) -> float:
+        """Stock TRL tokens per token of one-level sharing (each prompt shared only by its own responses)."""
+        return self.stock_tokens / max(self.one_level_tokens, 1)
+
+    @property
     def speedup_range(self) -> tuple[float, float]:
         return (min(self.sharing_ratio, self.token_ratio), self.token_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(token_ratio=self.token_ratio, sharing_ratio=self.sharing_ratio, speedup_range=self.speedup_range)
+        data.update(
+            token_ratio=self.token_ratio,
+            one_level_ratio=self.one_level_ratio,
+            sharing_ratio=self.sharing_ratio,
+            speedup_range=self.speedup_range,
+        )
         return data
 
 
@@ -86,7 +99,8 @@ class PairLengths:
     """Per-pair token lengths of a tokenized dataset (kept pairs only, in dataset order).
 
     `chosen_seq`/`rejected_seq` are the truncated prompt+response lengths of the stock batch, `document` the tokens
-    the pair takes in a packed row.
+    the pair takes in a one-level packed row; `prompt_tokens` the prompt tokens of its chosen and rejected sequences
+    (`tokenization.prompt_bytes`), from which prefix trees across pairs are counted.
     """
 
     prompt: np.ndarray
@@ -103,6 +117,7 @@ class PairLengths:
     max_length: int | None
     truncation_mode: str
     spliced_checked: int = 0
+    prompt_tokens: list[tuple[bytes, bytes]] | None = None
 
     def __len__(self) -> int:
         return len(self.document)

@@ -201,8 +201,9 @@ def _completion_start(prompt: int, full: int, kept: int, mode: str) -> int:
 
 def _pair(
     prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int | None, mode: str
-) -> tuple[int, int, int, int, int, int, int, bool]:
-    """One pair's lengths: as `DataCollatorForPreference` truncates it, and as `layout.make_document` lays it out.
+) -> tuple[tuple[int, int, int, int, int, int, int, bool], tuple[bytes, bytes]]:
+    """One pair's lengths: as `DataCollatorForPreference` truncates it, and as `layout.make_document` lays it out;
+    with the prompt tokens of its truncated chosen and rejected sequences (what a prefix tree may share).
 
     `chosen_ids`/`rejected_ids` are the full prompt+response tokenizations. Returns (prompt, chosen, rejected)
     lengths, the truncated sequence lengths, the truncated prompt length, the document length and whether chosen and
@@ -220,7 +221,7 @@ def _pair(
     identical = start_c == start_r and seq_c == seq_r
     document = len(seq_c) if identical else len(seq_c) + len(seq_r) - head
     prompt_seq = start_c + start_r
-    return (
+    lengths = (
         prompt,
         len(chosen_ids) - prompt,
         len(rejected_ids) - prompt,
@@ -230,6 +231,12 @@ def _pair(
         document,
         identical,
     )
+    return lengths, (prompt_bytes(seq_c[:start_c]), prompt_bytes(seq_r[:start_r]))
+
+
+def prompt_bytes(tokens: list[int]) -> bytes:
+    """A sequence's prompt tokens as bytes (4 per token): compact, and sortable for counting common prefixes."""
+    return np.asarray(tokens, dtype=">u4").tobytes()
 
 
 def tokenize_pairs(
@@ -279,12 +286,14 @@ def _collect(
     records: list[tuple], conversational: bool, implicit: bool, max_length: int | None, truncation_mode: str
 ) -> PairLengths:
     """Arrays of the kept pairs: TRL drops a pair whose prompt alone fills `max_length` under `keep_start`."""
-    table = np.array(records, dtype=np.int64).reshape(-1, 8)
+    table = np.array([lengths for lengths, _ in records], dtype=np.int64).reshape(-1, 8)
     keep = np.ones(len(table), dtype=bool)
     if max_length is not None and truncation_mode == "keep_start":
         keep = table[:, 0] < max_length
     table = table[keep]
+    prompts = [tokens for (_, tokens), kept in zip(records, keep.tolist(), strict=True) if kept]
     return PairLengths(
+        prompt_tokens=prompts,
         prompt=table[:, 0],
         chosen=table[:, 1],
         rejected=table[:, 2],
