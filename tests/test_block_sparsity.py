@@ -104,8 +104,10 @@ def test_blocks_left_out_are_empty_and_full_blocks_full(name, window):
     assert bool((any_pair <= possible).all()), "a block with visible pairs was left out"
     assert bool((full <= all_pairs).all()), "a block marked full holds a masked pair"
     assert bool(full.any()) == bool(all_pairs.any()) or window is not None
-    # Tight where blocks do not straddle: at most a few more blocks than the dense rule finds.
-    assert int(possible.sum()) <= int(any_pair.sum()) * 1.5 + 4
+    # Tight where blocks do not straddle: at most a few more blocks than the dense rule finds. A tree's nodes of a
+    # few tokens each put several nodes (an ancestor's keys among them) in one block, so its bound is looser.
+    slack = 2.0 if "tree" in name else 1.5
+    assert int(possible.sum()) <= int(any_pair.sum()) * slack + 4
 
 
 def test_branches_longer_than_a_block_skip_each_other():
