@@ -139,3 +139,24 @@ def build_pair(make: Callable[[type], object]):
     from trl_prefix_share import PrefixSharedDPOTrainer
 
     return make(DPOTrainer), make(PrefixSharedDPOTrainer)
+
+
+def float64_rotary_forward(self, x, position_ids):
+    """A rotary embedding's forward (the Llama form) with its angles in float64 for float64 inputs.
+
+    transformers computes the angles ``position * inv_freq`` in float32 whatever the model dtype. Prefix trees give
+    a left-padded sequence of online RL other position ids than stock (the same for every token of it: a shift that
+    rotary attention does not see), so float32's rounding of larger or smaller angles is left as a ~1e-6 difference;
+    in float64 it is ~1e-15 and the float64 tests keep their bound. Tests of the shift itself run without it."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    freqs = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotary_in_float64(patch, *modules) -> None:
+    """Give the rotary embeddings of these modeling modules ``float64_rotary_forward`` (stock and ours alike)."""
+    for module in modules:
+        for name in dir(module):
+            if name.endswith("RotaryEmbedding"):
+                patch.setattr(getattr(module, name), "forward", float64_rotary_forward)

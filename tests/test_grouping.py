@@ -103,7 +103,7 @@ def test_grouped_layout_reproduces_every_sequence(case):
     specs = [SequenceSpec(torch.tensor(tokens), start, row) for row, (tokens, start) in enumerate(sequences)]
     documents = GroupByPrompt(budget)(specs, share_prefix=True)
     virtual_length = max(len(tokens) for tokens, _ in sequences)
-    packed = pack_documents(documents, len(sequences), virtual_length, PAD_ID, max_row_tokens=budget)
+    packed = pack_documents(documents, len(sequences), virtual_length, PAD_ID, max_row_tokens=budget, prefix_tree=True)
     expected = [
         [(seq.tokens.tolist(), seq.completion_start, seq.virtual_row) for seq in doc.sequences] for doc in documents
     ]
@@ -272,17 +272,21 @@ def test_grouped_batches_use_fewer_tokens_than_pairs(model_dir, tokenizer, panda
     assert isinstance(sampler, PromptGroupedSampler)
     batches = list(grouped.get_train_dataloader())
     examples = [grouped.train_dataset[i] for i in range(len(grouped.train_dataset))]
-    pairs = PrefixSharedPreferenceCollator(
-        grouped.data_collator.base_collator, tokenizer.pad_token_id, PackingOptions()
-    )
-    pair_tokens = 0
+    base = grouped.data_collator.base_collator
+    pairs = PrefixSharedPreferenceCollator(base, tokenizer.pad_token_id, PackingOptions(prefix_tree=False))
+    pair_trees = PrefixSharedPreferenceCollator(base, tokenizer.pad_token_id, PackingOptions())
+    pair_tokens = tree_tokens = 0
     for batch, indices in zip(batches, sampler.batches(0), strict=True):  # the dataloader follows the sampler
         chosen = [examples[i] for i in indices]
         stock_view = pairs(chosen)
         assert torch.equal(batch["input_ids"], stock_view["input_ids"])
         pair_tokens += stock_view[PACKED_KEY]["input_ids"].numel()
+        tree_tokens += pair_trees(chosen)[PACKED_KEY]["input_ids"].numel()
     grouped_tokens = sum(batch[PACKED_KEY]["input_ids"].numel() for batch in batches)
+    # Against one document per pair, grouping saves most; a prefix tree of the same pairs merges their common prompt
+    # by itself, and grouping adds only what it dedupes (identical responses of one prompt scored once).
     assert grouped_tokens < 0.7 * pair_tokens
+    assert grouped_tokens <= tree_tokens < pair_tokens
 
 
 def test_config_flag_turns_grouping_on_in_the_plain_trainer(model_dir, tokenizer):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from equivalence import RELATIVE_TOLERANCE, assert_equivalent, perturb, relative_difference
+from equivalence import RELATIVE_TOLERANCE, assert_equivalent, perturb, relative_difference, rotary_in_float64
 from online_setup import generate_and_score, generation_batch, online_args, real_prompts, vowel_reward
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -21,6 +21,19 @@ from trl_prefix_share.trainers.online.rloo import PrefixSharedRLOOTrainer
 FAMILIES = ("llama", "qwen2")
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 PROMPTS = 3  # prompts per generation batch: 12 rows, groups of 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def exact_rotary_angles():
+    """Prompts that start alike share a prefix-tree node at other position ids than stock's left padding gives them:
+    rotary angles in float64, so the float64 comparison sees no float32 angle rounding (see `float64_rotary_forward`;
+    tests/test_prefix_trees.py checks the shift itself against stock's own padding noise)."""
+    import transformers.models.llama.modeling_llama as llama
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    with pytest.MonkeyPatch.context() as patch:
+        rotary_in_float64(patch, llama, qwen2)
+        yield
 
 
 def build(trainer_cls, config_cls, path, tokenizer, dataset, **fields):

@@ -12,7 +12,7 @@ from pathlib import Path
 from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, SHORT_NAMES
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape
 from trl_prefix_share.commands.bench.online import ONLINE_KINDS, PROMPT_SETS
-from trl_prefix_share.commands.bench.trainers import KINDS, VARIANTS
+from trl_prefix_share.commands.bench.trainers import DEFAULT_VARIANTS, KINDS, VARIANTS
 from trl_prefix_share.commands.bench.vision import VISION_DATASETS
 
 EXAMPLE = """examples:
@@ -97,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="ablation cells")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="ablation cells (default: all offline; stock and ours online, one_level on request)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (pairs)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every run")
@@ -170,7 +176,7 @@ def run_bench(argv: list[str]) -> None:
     settings = BenchSettings(
         trainers=args.trainer,
         datasets=args.dataset,
-        variants=args.variants,
+        variants=args.variants or list(DEFAULT_VARIANTS),
         tokenizer=args.tokenizer,
         model=args.model,
         shape=shape_from(args),
@@ -212,6 +218,7 @@ def run_online(args: argparse.Namespace) -> None:
     import transformers
 
     from trl_prefix_share.commands.bench.online import (
+        ONLINE_VARIANTS,
         OnlineSettings,
         format_online_table,
         online_payload,
@@ -237,6 +244,7 @@ def run_online(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.gradient_checkpointing != "off",
         seed=args.seed,
         device=args.device,
+        variants=tuple(v for v in ONLINE_VARIANTS if v in (args.variants or ("stock", "ours"))),
     )
     model = settings.model or settings.shape.describe()
     print(f"[trl-prefix-share bench] online RL, {model}, {settings.rounds} rounds x {settings.steps} steps", flush=True)

@@ -34,7 +34,10 @@ ONLINE_KINDS = ("grpo", "rloo")
 PROMPT_SETS = {
     "ultrafeedback-long": ("ultrafeedback", 256, 512),
     "pandalm-short": ("pandalm", 1, 10_000),
+    "ultrafeedback-tools": ("ultrafeedback_tools", 1, 10**9),
 }
+#: Online variants: stock TRL, ours with one-level sharing (each prompt shared by its own completions), ours.
+ONLINE_VARIANTS = ("stock", "one_level", "ours")
 
 
 def bench_reward(completions, **kwargs) -> list[float]:
@@ -61,6 +64,7 @@ class OnlineSettings:
     gradient_checkpointing: bool = True
     seed: int = 42
     device: str = "auto"
+    variants: tuple[str, ...] = ("stock", "ours")
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -123,6 +127,8 @@ def prompt_rows(name: str, tokenizer: PreTrainedTokenizerBase) -> list[dict[str,
 def _config(settings: OnlineSettings, kind: str, variant: str, output_dir: str):
     from trl import GRPOConfig, RLOOConfig
 
+    from trl_prefix_share.trainers.online.config import PrefixSharedGRPOConfig, PrefixSharedRLOOConfig
+
     fields: dict[str, Any] = dict(
         output_dir=output_dir,
         per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
@@ -141,6 +147,8 @@ def _config(settings: OnlineSettings, kind: str, variant: str, output_dir: str):
         fields.update(bf16=True, model_init_kwargs={"dtype": torch.bfloat16})
     else:
         fields.update(use_cpu=True, bf16=False)
+    if variant == "one_level":  # our config class, for its `prefix_tree` field
+        return (PrefixSharedGRPOConfig if kind == "grpo" else PrefixSharedRLOOConfig)(**fields, prefix_tree=False)
     return (GRPOConfig if kind == "grpo" else RLOOConfig)(**fields)
 
 
@@ -156,7 +164,7 @@ def _trainer_class(kind: str, variant: str) -> type:
         ("rloo", "stock"): RLOOTrainer,
         ("rloo", "ours"): PrefixSharedRLOOTrainer,
     }
-    return classes[(kind, variant)]
+    return classes[(kind, "ours" if variant == "one_level" else variant)]
 
 
 def run_once(settings, kind, variant, model, tokenizer, data, label, round_index) -> OnlineRun:
@@ -223,7 +231,7 @@ def run_online_benchmark(settings: OnlineSettings, log: Any = print) -> list[Onl
         label = dataset_label(name)
         for kind in settings.trainers:
             for round_index in range(settings.rounds):
-                for variant in ("stock", "ours"):
+                for variant in settings.variants:
                     run = run_once(settings, kind, variant, model, tokenizer, data, label, round_index)
                     runs.append(run)
                     gc.collect()
@@ -241,7 +249,7 @@ def summarize_online(runs: list[OnlineRun]) -> list[dict[str, Any]]:
     cells = []
     for dataset, kind in dict.fromkeys((r.dataset, r.kind) for r in runs):
         by_variant = {
-            v: [r for r in runs if (r.dataset, r.kind, r.variant) == (dataset, kind, v)] for v in ("stock", "ours")
+            v: [r for r in runs if (r.dataset, r.kind, r.variant) == (dataset, kind, v)] for v in ONLINE_VARIANTS
         }
 
         def total(variant: str, attribute: str, cell: dict = by_variant) -> float:
@@ -269,6 +277,13 @@ def summarize_online(runs: list[OnlineRun]) -> list[dict[str, Any]]:
                 "share_of_limit": training / token_limit,
             }
         )
+        if by_variant["one_level"]:
+            one_level = by_variant["one_level"][0]
+            cells[-1].update(
+                one_level_training_s=per_step("one_level", "training_seconds"),
+                one_level_speedup=total("stock", "training_seconds") / total("one_level", "training_seconds"),
+                one_level_token_limit=one_level.stock_tokens / max(one_level.tokens, 1),
+            )
     return cells
 
 
@@ -289,6 +304,13 @@ def format_online_table(settings: OnlineSettings, cells: list[dict[str, Any]]) -
         "training side: step time minus generation and rewards (TRL's profiling); seconds are means per step, "
         "speedups ratios of sums over all timed steps; token limit: stock tokens / ours in the log-prob passes"
     )
+    for c in cells:
+        if "one_level_speedup" in c:
+            lines.append(
+                f"{c['dataset']} {c['kind']}: one-level sharing (prefix_tree=False) {c['one_level_training_s']:.2f} "
+                f"s/step, {c['one_level_speedup']:.2f}x for a token limit of {c['one_level_token_limit']:.2f}x; "
+                f"the tree {c['training_speedup']:.2f}x for {c['token_limit']:.2f}x"
+            )
     return "\n".join(lines)
 
 

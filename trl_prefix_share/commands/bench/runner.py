@@ -23,7 +23,7 @@ from trl_prefix_share.commands.bench.data import (
 )
 from trl_prefix_share.commands.bench.measure import PeakMemory, TokenCountingCollator, measured_train, resolve_device
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
-from trl_prefix_share.commands.bench.trainers import VARIANTS, make_trainer
+from trl_prefix_share.commands.bench.trainers import DEFAULT_VARIANTS, make_trainer
 from trl_prefix_share.commands.bench.vision import (
     ImageCounter,
     VisionShape,
@@ -40,7 +40,7 @@ class BenchSettings:
 
     trainers: list[str] = field(default_factory=lambda: ["dpo"])
     datasets: list[str] = field(default_factory=lambda: ["hh_harmless"])
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     tokenizer: str = str(DEFAULT_TOKENIZER)
     model: str | None = None
     shape: ModelShape = PRESETS["tiny"]

@@ -6,7 +6,8 @@ Variants (the ablation matrix of sharing x packing):
 - ``unshared``: ours with ``share_prefix=False``: packed, padding-free, each sequence its own document: the honest
   "padding-free TRL" baseline;
 - ``unpacked``: ours with ``pack_documents=False``: prompt shared, one document per row, rows padded;
-- ``ours``: ours with the defaults: shared and packed.
+- ``one_level``: ours with ``prefix_tree=False``: each prompt shared by its own responses only (no prefix trees);
+- ``ours``: ours with the defaults: shared and packed, prompts merged into prefix trees.
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-VARIANTS = ("stock", "unshared", "unpacked", "ours")
+VARIANTS = ("stock", "unshared", "unpacked", "one_level", "ours")
+#: The cells a plain `bench` runs (``one_level`` on request: it differs from ``ours`` only where prompts share a start).
+DEFAULT_VARIANTS = ("stock", "unshared", "unpacked", "ours")
 VARIANT_OPTIONS: dict[str, dict[str, bool]] = {
     "stock": {},
     "unshared": {"share_prefix": False},
     "unpacked": {"pack_documents": False},
+    "one_level": {"prefix_tree": False},
     "ours": {},
 }
 VARIANT_LABELS = {
     "stock": "stock TRL",
     "unshared": "packed, unshared",
     "unpacked": "shared, unpacked",
+    "one_level": "shared, one-level",
     "ours": "shared + packed",
 }
 KINDS = ("dpo", "orpo", "simpo", "cpo", "reward")

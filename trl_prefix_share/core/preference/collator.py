@@ -65,6 +65,8 @@ class PrefixSharedPreferenceCollator:
 
     #: Whether the layout records each packed token's stock token (``source_index``: image features, positions).
     needs_source_index = False
+    #: Whether documents may merge into prefix trees (when the options allow it).
+    merges_documents = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base_collator(examples)
@@ -87,11 +89,13 @@ class PrefixSharedPreferenceCollator:
                 dataclasses.replace(seq, prompt_images=prompt_images[row % half]) for row, seq in enumerate(sequences)
             ]
         documents = self.group_documents(sequences, self.options.share_prefix)
+        layout = self.options.layout_kwargs()
+        layout["prefix_tree"] = layout["prefix_tree"] and self.merges_documents
         return pack_documents(
             documents,
             num_virtual_rows=input_ids.size(0),
             virtual_length=input_ids.size(1),
             pad_token_id=self.pad_token_id,
             source_index=self.needs_source_index,
-            **self.options.layout_kwargs(),
+            **layout,
         )

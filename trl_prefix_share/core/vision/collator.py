@@ -35,6 +35,9 @@ class PrefixSharedVisionPreferenceCollator(PrefixSharedPreferenceCollator):
     """
 
     needs_source_index = True
+    #: One-level documents only: the same placeholder tokens stand for other images in other examples, and the
+    #: per-token inputs of a node come from its owner's rows (see ``core/tree_support.py``).
+    merges_documents = False
 
     def __init__(self, *args: Any, image_token_id: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
