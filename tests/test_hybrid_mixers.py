@@ -177,6 +177,7 @@ def test_dpo_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
     several lengths left-padded (bias-free mixers, and Mamba2, which masks again after its biased convolution) or
     grouped by length (biased ones)."""
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
+    assert ours.prefix_share_packing.prefix_tree == (family in RAGGED)  # trees need the unpadded run
     runs = count_runs(monkeypatch)
     mixers = [(m, v) for m, v in ((m, mixer_verdict(m)) for m in ours.model.modules()) if v is not None]
     assert {verdict.kind for _, verdict in mixers} == {KINDS[family]}
@@ -203,6 +204,21 @@ def test_k_branches_per_prompt_match_stock(saved, tokenizer, shared_prompt_rows,
     document_ids = our_batch[PACKED_KEY]["document_ids"]
     assert int(branch_ids[document_ids == document_ids[0, 0]].max()) == 6
     assert_equivalent(stock, ours, stock_batch, our_batch)
+
+
+def test_a_prefix_tree_matches_stock(saved, tokenizer, monkeypatch):
+    """Qwen3.5: three pairs behind one system prompt, one tree three levels deep (system prompt, prompts, responses),
+    each node's convolution and scan from its parent's state on the unpadded run; the kernel in float64."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+    from test_prefix_trees import assert_one_deep_tree, system_rows
+
+    run_kernel_in_float64(monkeypatch, qwen3_5)
+    stock, ours = dpo_pair(saved, "qwen3_5_text", tokenizer, system_rows(3))
+    runs = count_runs(monkeypatch)
+    stock_batch, our_batch = first_batch(stock, 3), first_batch(ours, 3)
+    assert_one_deep_tree(our_batch[PACKED_KEY], 3)
+    compare(stock, ours, stock_batch, our_batch)
+    assert runs["run_ragged"] > 0 and runs["run_segmented"] == 0
 
 
 @pytest.mark.parametrize(("family", "run"), [("lfm2", "run_ragged"), ("nemotron_h", "run_segmented")])
@@ -348,6 +364,51 @@ def test_the_unpadded_run_is_read_from_the_forward():
         assert instance_recipe(layer, layer.forward) == "Lfm2ShortConv.out_proj is not a per-token layer"
 
 
+def check_ragged_kernels_per_segment(plan, document_ids: torch.Tensor) -> None:
+    """Both ragged kernels over ``plan`` against transformers' torch kernel (float64) run on each segment alone from
+    its parent's final state, its convolution history the last inputs of its chain of ancestors."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, channels, kernel = document_ids.numel(), 6, 4
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    query, key, value = randn(1, tokens, 2, 8), randn(1, tokens, 2, 8), randn(1, tokens, 4, 8)
+    decay, beta = -torch.rand(1, tokens, 4, generator=generator).double(), torch.rand(1, tokens, 4).double()
+    inputs, weight, bias = randn(1, channels, tokens), randn(channels, 1, kernel), randn(channels)
+    scanned = ragged_kernels.ragged_gated_delta_rule(
+        query, key, value, decay, beta, plan.chunk_schedule(torch.device("cpu")), use_qk_l2norm=True
+    )
+    convolved = ragged_kernels.ragged_causal_conv(
+        inputs, weight, bias, "silu", plan.conv_gather(kernel, torch.device("cpu"))
+    )
+    final_states, paths = {}, {}
+    for segment, (start, length, parent) in enumerate(zip(plan.starts, plan.lengths, plan.parents, strict=True)):
+        run, parent = slice(int(start), int(start + length)), int(parent)
+        paths[segment] = (paths[parent] if parent >= 0 else []) + list(range(int(start), int(start + length)))
+        expected, final_states[segment] = qwen3_5.torch_chunk_gated_delta_rule(
+            *(x[:, run] for x in (query, key, value)),
+            g=decay[:, run],
+            beta=beta[:, run],
+            initial_state=final_states.get(parent),
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+        )
+        torch.testing.assert_close(scanned[:, run], expected, rtol=1e-12, atol=1e-12)
+        history = torch.zeros(1, channels, kernel - 1, dtype=torch.float64)
+        if parent >= 0:
+            tail = inputs[..., paths[parent]][..., -(kernel - 1) :]
+            history[..., kernel - 1 - tail.size(-1) :] = tail
+        own = torch.cat([history, inputs[..., run]], dim=-1)
+        expected_conv = torch.nn.functional.silu(torch.nn.functional.conv1d(own, weight, bias, groups=channels))
+        torch.testing.assert_close(convolved[..., run], expected_conv, rtol=1e-12, atol=1e-12)
+    padding = document_ids.reshape(-1) < 0
+    if bool(padding.any()):
+        assert scanned[0, padding].abs().max() == 0 and convolved[0, :, padding].abs().max() == 0
+
+
 def test_ragged_kernels_match_transformers_per_segment(monkeypatch):
     """The ragged convolution and gated delta rule over packed segments equal transformers' own torch kernel (its
     source, in float64) run on each segment alone from its prefix's state: prefixes longer than one chunk, a prefix
@@ -364,43 +425,38 @@ def test_ragged_kernels_match_transformers_per_segment(monkeypatch):
     document_ids[1, :68], branch_ids[1, :2], branch_ids[1, 2:68] = 2, 0, 1
     plan = build_ragged_plan(document_ids, branch_ids, one_level_span_ends(document_ids, branch_ids))
     assert plan.lengths.tolist() == [70, 5, 130, 3, 2, 66] and plan.parents.tolist() == [-1, 0, 0, -1, -1, 4]
-    generator = torch.Generator().manual_seed(0)
-    tokens, channels, kernel = document_ids.numel(), 6, 4
+    check_ragged_kernels_per_segment(plan, document_ids)
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
-    query, key, value = randn(1, tokens, 2, 8), randn(1, tokens, 2, 8), randn(1, tokens, 4, 8)
-    decay, beta = -torch.rand(1, tokens, 4, generator=generator).double(), torch.rand(1, tokens, 4).double()
-    inputs, weight, bias = randn(1, channels, tokens), randn(channels, 1, kernel), randn(channels)
-    scanned = ragged_kernels.ragged_gated_delta_rule(
-        query, key, value, decay, beta, plan.chunk_schedule(torch.device("cpu")), use_qk_l2norm=True
-    )
-    convolved = ragged_kernels.ragged_causal_conv(
-        inputs, weight, bias, "silu", plan.conv_gather(kernel, torch.device("cpu"))
-    )
-    final_states = {}
-    for segment, (start, length, parent) in enumerate(zip(plan.starts, plan.lengths, plan.parents, strict=True)):
-        run, parent = slice(int(start), int(start + length)), int(parent)
-        expected, final_states[segment] = qwen3_5.torch_chunk_gated_delta_rule(
-            *(x[:, run] for x in (query, key, value)),
-            g=decay[:, run],
-            beta=beta[:, run],
-            initial_state=final_states.get(parent),
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=True,
-        )
-        torch.testing.assert_close(scanned[:, run], expected, rtol=1e-12, atol=1e-12)
-        history = torch.zeros(1, channels, kernel - 1, dtype=torch.float64)
-        if parent >= 0:
-            start_p, length_p = int(plan.starts[parent]), int(plan.lengths[parent])
-            tail = inputs[..., start_p : start_p + length_p][..., -(kernel - 1) :]
-            history[..., kernel - 1 - tail.size(-1) :] = tail
-        own = torch.cat([history, inputs[..., run]], dim=-1)
-        expected_conv = torch.nn.functional.silu(torch.nn.functional.conv1d(own, weight, bias, groups=channels))
-        torch.testing.assert_close(convolved[..., run], expected_conv, rtol=1e-12, atol=1e-12)
-    padding = document_ids.reshape(-1) < 0
-    assert scanned[0, padding].abs().max() == 0 and convolved[0, :, padding].abs().max() == 0
+def test_ragged_kernels_take_a_prefix_tree(monkeypatch):
+    """A tree three levels deep: a 70-token system prompt, prompts of 2 tokens (shorter than the convolution's
+    history, which then reaches into the system prompt) and of 80 (past a chunk), then responses: every node from
+    its parent's final state."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+
+    from trl_prefix_share.core.layout import SequenceSpec, make_document, pack_documents
+
+    monkeypatch.setattr(ragged_kernels, "COMPUTE_DTYPE", torch.float64)
+    run_kernel_in_float64(monkeypatch, qwen3_5)
+    generator = torch.Generator().manual_seed(3)
+
+    def tokens(n):
+        return torch.randint(5, 99, (n,), generator=generator)
+
+    system = tokens(70)
+    documents, row = [], 0
+    for prompt, responses in ((2, (5, 9)), (80, (3, 70)), (2, (4,))):
+        head = torch.cat([system, tokens(prompt)])
+        specs = [SequenceSpec(torch.cat([head, tokens(n)]), len(head), row + i) for i, n in enumerate(responses)]
+        documents.append(make_document(specs))
+        row += len(responses)
+    packed = pack_documents(documents, row, 260, 0, prefix_tree=True, pad_to_multiple_of=64)
+    plan = build_ragged_plan(packed["document_ids"], packed["branch_ids"], packed["span_ends"])
+    depths = []
+    for parent in plan.parents.tolist():
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    assert max(depths) == 2 and plan.parents.tolist()[0] == -1
+    check_ragged_kernels_per_segment(plan, packed["document_ids"])
 
 
 def test_segments_of_a_packed_layout():

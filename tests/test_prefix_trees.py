@@ -7,7 +7,6 @@ template's head); the tests here make the common part long and assert that the b
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import build_tiny_model, load_dataset_rows
 from datasets import Dataset
