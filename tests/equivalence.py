@@ -160,3 +160,16 @@ def rotary_in_float64(patch, *modules) -> None:
         for name in dir(module):
             if name.endswith("RotaryEmbedding"):
                 patch.setattr(getattr(module, name), "forward", float64_rotary_forward)
+
+
+def tree_depth(packed: dict) -> int:
+    """The deepest node of a packed layout's prefix trees (0: roots only; 1: one-level documents, a prefix and its
+    branches; 2 or more: prompts merged below a common start)."""
+    from trl_prefix_share.core.mixers.segments import token_runs, tree_parents
+
+    starts, lengths, _, _ = token_runs(packed["document_ids"].cpu(), packed["branch_ids"].cpu())
+    parents = tree_parents(starts, lengths, packed["span_ends"].cpu()).tolist()
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    return max(depths, default=0)

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from equivalence import RELATIVE_TOLERANCE, assert_equivalent, perturb, relative_difference, rotary_in_float64
+from equivalence import (
+    RELATIVE_TOLERANCE,
+    assert_equivalent,
+    perturb,
+    relative_difference,
+    rotary_in_float64,
+    tree_depth,
+)
 from online_setup import generate_and_score, generation_batch, online_args, real_prompts, vowel_reward
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -139,13 +146,26 @@ def test_grpo_policy_step_shares_each_group(grpo_pair):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_rloo_generation_and_policy_step_match_stock(family, model_dir, tokenizer):
-    dataset = real_prompts(PROMPTS, offset=10)
+def test_rloo_generation_and_policy_step_match_stock(family, model_dir, tokenizer, monkeypatch):
+    """Chat prompts: their template's head is common to all, so the passes run one prefix tree over prompts of
+    different left padding."""
+    from trl_prefix_share.core.online import rows as online_rows
+
+    dataset = real_prompts(PROMPTS, offset=10, conversational=True)
     fields = dict(beta=0.05, num_iterations=2)
     stock = build(RLOOTrainer, RLOOConfig, model_dir(family), tokenizer, dataset, **fields)
     ours = build(PrefixSharedRLOOTrainer, RLOOConfig, model_dir(family), tokenizer, dataset, **fields)
     batch = generation_batch(dataset, PROMPTS)
+    pack, depths = online_rows.pack_documents, []
+
+    def recorded(*args, **kwargs):
+        packed = pack(*args, **kwargs)
+        depths.append(tree_depth(packed))
+        return packed
+
+    monkeypatch.setattr(online_rows, "pack_documents", recorded)
     expected, actual = generate_and_score(stock, batch), generate_and_score(ours, batch)
+    assert depths and min(depths) >= 2
     assert torch.equal(actual["completion_ids"], expected["completion_ids"])
     assert relative_difference(actual["old_logps"], expected["old_logps"]) <= RELATIVE_TOLERANCE
     assert torch.allclose(actual["advantages"], expected["advantages"], rtol=1e-5, atol=1e-6)

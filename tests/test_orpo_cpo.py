@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import conversational, read_jsonl, tiny_moe_config
 from datasets import Dataset
-from equivalence import RELATIVE_TOLERANCE, cpu_args, perturb, relative_difference
+from equivalence import RELATIVE_TOLERANCE, cpu_args, perturb, relative_difference, tree_depth
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -170,6 +170,7 @@ def test_orpo_matches_stock(family, shared_pair):
 def test_cpo_every_loss_type_matches_stock(family, shared_pair):
     stock, ours = shared_pair("cpo", family)
     stock_batch, our_batch = first_batch(stock), first_batch(ours)
+    assert tree_depth(our_batch[PACKED_KEY]) >= 2  # hh's prompts merged below their common "\n\nHuman:"
     # Every setting on llama; on qwen2 one of each averaging (summed: sigmoid; averaged: ipo, simpo, alphapo).
     settings = CPO_SETTINGS if family == "llama" else [CPO_SETTINGS[i] for i in (0, 2, 3, 4)]
     for setting in settings:

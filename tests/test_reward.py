@@ -14,7 +14,15 @@ import pytest
 import torch
 from conftest import conversational, load_dataset_rows, read_jsonl
 from datasets import Dataset
-from equivalence import assert_equivalent, cpu_args, first_batch, loss_and_grads, perturb, relative_difference
+from equivalence import (
+    assert_equivalent,
+    cpu_args,
+    first_batch,
+    loss_and_grads,
+    perturb,
+    relative_difference,
+    tree_depth,
+)
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
@@ -95,6 +103,7 @@ def test_pairs_match_stock_with_center_rewards(family, reward_model_dir, tokeniz
     stock_batch, our_batch = first_batch(stock, BATCH), first_batch(ours, BATCH)
     packed = our_batch[PACKED_KEY]
     assert packed["input_ids"].numel() < stock_batch["input_ids"].numel()
+    assert tree_depth(packed) >= 2  # hh's prompts merged below their common "\n\nHuman:"
     for coefficient in (None, 0.01):
         for trainer in (stock, ours):
             trainer.args.center_rewards_coefficient = coefficient

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import load_dataset_rows, save_tiny_model
-from equivalence import assert_equivalent, first_batch, perturb, relative_difference
+from equivalence import assert_equivalent, first_batch, perturb, relative_difference, tree_depth
 from transformers import AutoModelForCausalLM
 
 from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
@@ -76,6 +76,7 @@ def test_dpo_matches_stock(family, saved, tokenizer, hh_rows):
     if family == "gpt_oss":
         assert stock_batch["input_ids"].size(1) > 2 * 16  # past the sliding window
     assert our_batch[PACKED_KEY]["input_ids"].numel() < stock_batch["input_ids"].numel()
+    assert tree_depth(our_batch[PACKED_KEY]) >= 2  # hh's prompts merged below their common "\n\nHuman:"
     assert_equivalent(stock, ours, stock_batch, our_batch, tolerance=TOLERANCE[family])
 
 
@@ -88,7 +89,9 @@ def test_gpt_oss_orpo_and_simpo_match_stock(kind, saved, tokenizer):
     config = {"loss_type": "simpo", "cpo_alpha": 0.0} if kind == "cpo" else {}
     stock, ours = make_pair(kind, saved("gpt_oss"), tokenizer, short_rows("hh_helpful", 8), **config)
     assert ours.prefix_share_fallback is None
-    paired_equivalent(stock, ours, paired_batch(stock), paired_batch(ours))
+    ours_batch = paired_batch(ours)
+    assert tree_depth(ours_batch[PACKED_KEY]) >= 2
+    paired_equivalent(stock, ours, paired_batch(stock), ours_batch)
 
 
 def test_gpt_oss_reward_matches_stock(saved, tokenizer, hh_rows):

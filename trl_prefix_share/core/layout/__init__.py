@@ -1,5 +1,6 @@
-"""The shared-prefix packed layout: documents (``documents``), rows (``rows``), the packed tensors (``pack``), the index
-tensors of the CPU kernel (``sdpa_groups``) and moving a layout to a device (``transfer``). Pure tensor code, no model.
+"""The shared-prefix packed layout: documents (``documents``), rows (``rows``), prefix trees (``tree``), the packed
+tensors (``pack``), the index tensors of the CPU kernel (``sdpa_groups``) and moving a layout to a device
+(``transfer``). Pure tensor code, no model.
 """
 
 from trl_prefix_share.core.layout.documents import (

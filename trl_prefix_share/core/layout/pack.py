@@ -6,13 +6,16 @@ Each document's shared prefix is laid out once and each sequence continues in it
     positions : 0..s-2    | s-1 ..       | s-1 ..          (every branch restarts at s-1)
 
 The last shared token heads every branch, so each position predicts exactly one next token of its own sequence and
-a per-position ``shift_labels`` tensor scores the whole row. Documents are packed greedily into rows.
+a per-position ``shift_labels`` tensor scores the whole row. Documents are packed greedily into rows; with
+``prefix_tree`` the documents of a row are then merged into prefix trees (``tree.py``), the same rule at every depth,
+and a one-level document is a tree of depth one. Each token carries the end of its node's subtree (``span_ends``),
+the whole attention rule.
 
 Every labelled packed position is mapped to its place in the *virtual* stock layout (TRL's padded ``[2B, L]`` batch,
 shifted by one), so per-token results can be scattered back there and TRL's loss code runs unchanged.
 
-Python runs once per segment (a shared prefix or a branch) to describe the layout (``_plan_segments``); the tokens
-themselves are moved by a fixed number of tensor operations (``_place_tokens``, ``_score_positions``).
+Python runs once per segment (a tree node) and per (node, sequence) pair to describe the layout (``_plan_segments``);
+the tokens themselves are moved by a fixed number of tensor operations (``_place_tokens``, ``_score_positions``).
 """
 
 from __future__ import annotations
