@@ -348,13 +348,15 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
 def predicted_token_ratio(settings: SweepSettings, kind: str, tokenizer, texts) -> float | None:
     """The estimator's token ratio for the cell (`estimate`'s own counting), where it models the trainer: GRPO, and
     DPO with one pair per prompt (`estimate` counts pairs; it does not model `group_by_prompt`)."""
-    from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_lengths
+    from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_token_ids
 
     if kind == "grpo":
-        prompts = prompt_lengths(Dataset.from_list([{"prompt": p} for p, _ in texts]), tokenizer)
+        prompt_ids = prompt_token_ids(Dataset.from_list([{"prompt": p} for p, _ in texts]), tokenizer)
+        prompts = np.array([len(ids) for ids in prompt_ids], dtype=np.int64)
         completions = np.array([len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for _, r in texts])
         batch = settings.prompts_per_step * len(texts[0][1])
-        return count_online_tokens(prompts, completions, len(texts[0][1]), batch, shuffle=False).ratio
+        count = count_online_tokens(prompts, completions, len(texts[0][1]), batch, shuffle=False, prompt_ids=prompt_ids)
+        return count.ratio
     if len(texts[0][1]) != 2:
         return None
     from trl_prefix_share.commands.estimate import estimate_savings
