@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from trl_prefix_share.core.layout.documents import IGNORE_INDEX, PAD_DOCUMENT, DocumentSpec, SequenceSpec
-from trl_prefix_share.core.layout.rows import assign_rows, round_up
+from trl_prefix_share.core.layout.rows import assign_rows, round_up, spans
 from trl_prefix_share.core.layout.sdpa_groups import AttentionGroup, attention_bucket
 from trl_prefix_share.core.layout.tree import PrefixTree, document_tree, row_trees
 
@@ -192,13 +192,6 @@ def _plan_segments(trees: list[list[PrefixTree]], rows: _RowPlan, sources: _Sour
     return plan
 
 
-def _spans(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For runs of the given lengths laid end to end: each element's run id and its offset inside the run."""
-    run = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    return run, torch.arange(int(lengths.sum())) - starts[run]
-
-
 def _empty_rows(size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """The flat per-token tensors before any token is placed (padding everywhere)."""
     return {
@@ -232,7 +225,7 @@ def _place_tokens(
         :, :8
     ].unbind(1)
     seg_offset, seg_span_end = table[:, 8], table[:, 9]
-    run, within = _spans(seg_length)
+    run, within = spans(seg_length)
     src = seg_source[run] + within
     dst = seg_dest[run] + within
     pos = seg_position[run] + within
@@ -280,7 +273,7 @@ def _score_positions(
             "target_index": empty,
             "branch_lengths": torch.zeros(num_virtual_rows, dtype=torch.long),
         }
-    pair, within = _spans(counts)
+    pair, within = spans(counts)
     depth = low[pair] + within  # j: the predicting position's index in its sequence
     label_index = table[segment[pair], 2] + depth - start[pair]
     owner_source = table[segment[pair], 0] - start[pair]  # source offset of the owner's token 0

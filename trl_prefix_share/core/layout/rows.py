@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def assign_rows(lengths: list[int], max_row_tokens: int | None, pack: bool = True) -> list[list[int]]:
     """Greedy first-fit in order: documents fill the current row until the next one would pass the budget.
@@ -32,3 +34,10 @@ def round_up(value: int, multiple: int | None) -> int:
     if not multiple or multiple <= 1:
         return value
     return -(-value // multiple) * multiple
+
+
+def spans(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For runs of the given lengths laid end to end: each element's run id and its offset inside the run."""
+    run = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return run, torch.arange(int(lengths.sum())) - starts[run]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trl_prefix_share.core.layout.rows import spans
+
 
 @dataclass
 class AttentionGroup:
@@ -25,12 +27,6 @@ class AttentionGroup:
     key_runs: tuple[tuple[int, int], ...]
 
 
-def _spans(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    run = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    return run, torch.arange(int(lengths.sum())) - starts[run]
-
-
 def _side_keys(groups: list[AttentionGroup], width: int) -> torch.Tensor:
     """``[G, width]`` flat key index of each key slot (its depth along the group's chain), 0 past the chain."""
     rows = []
@@ -40,7 +36,7 @@ def _side_keys(groups: list[AttentionGroup], width: int) -> torch.Tensor:
             rows.append([g, start, length, depth])
             depth += length
     owner, run_start, run_length, depth_start = torch.tensor(rows, dtype=torch.long).view(-1, 4).unbind(1)
-    run, within = _spans(run_length)
+    run, within = spans(run_length)
     key_index = torch.zeros(len(groups), width, dtype=torch.long)
     key_index[owner[run], depth_start[run] + within] = run_start[run] + within
     return key_index
@@ -63,8 +59,8 @@ def attention_bucket(groups: list[AttentionGroup], trunk: bool) -> dict[str, tor
     key_valid = slot_k < k_len[:, None]
     query_index = torch.where(query_valid, q_start[:, None] + slot_q, 0)
     query_pos = torch.where(query_valid, q_pos[:, None] + slot_q, 0)
-    trunk_keys = torch.where(key_valid, q_start[:, None] + slot_k, 0) if trunk else None
-    key_index = trunk_keys if trunk else _side_keys(groups, slot_k.size(1))
+    # A trunk group's keys are its queries; a side group's are its ancestor chain and itself.
+    key_index = torch.where(key_valid, q_start[:, None] + slot_k, 0) if trunk else _side_keys(groups, slot_k.size(1))
     query_slots = query_valid.reshape(-1).nonzero().squeeze(1)
     return {
         "trunk": trunk,
