@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_prefix_share.core.attention import flex_packed
+from trl_prefix_share.core.attention import flex_packed, sdpa_packed
 from trl_prefix_share.core.attention.block_sparsity import block_visibility
 from trl_prefix_share.core.attention.packed_layout import PackedAttentionLayout
 from trl_prefix_share.core.layout import SequenceSpec, make_document, pack_documents
@@ -15,7 +15,14 @@ from trl_prefix_share.core.layout import SequenceSpec, make_document, pack_docum
 BLOCK = 16  # small blocks: many of them straddle branches, documents and row padding
 
 
-def layout(prompts: list[int], responses: list[list[int]], budget: int | None, multiple: int | None = None, system=0):
+def layout(
+    prompts: list[int],
+    responses: list[list[int]],
+    budget: int | None,
+    multiple: int | None = None,
+    system=0,
+    kernel: str = "flex",
+):
     """Documents of random prompts (``system`` common tokens in front of every prompt: one prefix tree)."""
     generator = torch.Generator().manual_seed(sum(prompts) + len(responses))
     common = torch.randint(5, 99, (system,), generator=generator)
@@ -29,8 +36,9 @@ def layout(prompts: list[int], responses: list[list[int]], budget: int | None, m
             row += 1
         documents.append(make_document(sequences))
     width = system + max(p + max(r) for p, r in zip(prompts, responses, strict=True)) + 1
-    packed = pack_documents(documents, row, width, 0, budget, pad_to_multiple_of=multiple, sdpa_buckets=False)
-    return PackedAttentionLayout(packed, "flex")
+    buckets = kernel == "sdpa"
+    packed = pack_documents(documents, row, width, 0, budget, pad_to_multiple_of=multiple, sdpa_buckets=buckets)
+    return PackedAttentionLayout(packed, kernel)
 
 
 def dense_rule(layout: PackedAttentionLayout, window: int | None) -> torch.Tensor:
@@ -146,3 +154,41 @@ def test_a_16k_prompt_with_16_branches_builds_no_dense_mask(monkeypatch):
     visited = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
     assert visited < blocks * (blocks + 1) // 2  # block-sparse: under the causal triangle
     assert int(mask.full_kv_num_blocks.sum()) > 0.9 * (128 * 129 // 2)  # the prompt's blocks run without the mask_mod
+
+
+@pytest.mark.parametrize(("window", "explicit"), [(9, False), (None, True), (9, True)])
+def test_cpu_kernel_cuts_a_masked_trunk_into_query_blocks(window, explicit, monkeypatch):
+    """A trunk group that needs a mask (window, explicit softmax) runs in blocks of query slots, each with a mask of
+    only the keys it can see; outputs and gradients equal SDPA with the dense rule, and no mask is [trunk, trunk]."""
+    packed = layout([150, 12], [[9, 30, 17], [50, 4]], None, 8, system=20, kernel="sdpa")
+    monkeypatch.setattr(sdpa_packed, "QUERY_BLOCK", 32)
+    shapes = []
+    original = sdpa_packed.bucket_mask
+
+    def recording(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        if args[0]["trunk"]:
+            shapes.append(tuple(mask.shape[-2:]))
+        return mask
+
+    monkeypatch.setattr(sdpa_packed, "bucket_mask", recording)
+    rows, length = packed.document_ids.shape
+    generator = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(rows, 2, length, 8, generator=generator, requires_grad=True) for _ in range(3))
+    weights = torch.randn(rows, length, 2, 8, generator=generator)
+    real = packed.document_ids >= 0
+    if explicit:
+        ours = sdpa_packed.packed_explicit_attention(query, key, value, packed, None, 0.0, window)
+    else:
+        ours = sdpa_packed.packed_sdpa_attention(query, key, value, packed, None, 0.0, window)
+    dense = torch.where(dense_rule(packed, window)[:, None], 0.0, float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense).transpose(1, 2)
+    torch.testing.assert_close(ours[real], expected[real], atol=1e-5, rtol=1e-5)
+    ours_grads = torch.autograd.grad((ours[real] * weights[real]).sum(), (query, key, value))
+    expected_grads = torch.autograd.grad((expected[real] * weights[real]).sum(), (query, key, value))
+    for actual, wanted in zip(ours_grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, wanted, atol=1e-5, rtol=1e-5)
+    trunk = max(int(b["query_pos"].size(1)) for b in packed.buckets if b["trunk"])
+    assert trunk > 4 * 32  # the trunk (system prompt, first prompt, first branch) spans several blocks
+    assert len(shapes) >= 5 and max(q for q, _ in shapes) <= 32
+    assert max(k for _, k in shapes) <= (trunk if window is None else 32 + window - 1)
