@@ -81,6 +81,21 @@ def test_keep_end_counts_equal_the_trainers(model_dir, tokenizer):
     assert estimate.truncated > 0 and estimate.dropped == 0
 
 
+@pytest.mark.parametrize("budget", [None, 384], ids=["one-row", "row-budget"])
+def test_group_by_prompt_counts_equal_the_trainers(model_dir, tokenizer, budget):
+    """`group_by_prompt`: the prompt-grouped sampler's batches, one document per prompt with each distinct response
+    once (PandaLM repeats responses across a prompt's pairs), cut to fit the row budget; stock keeps its shuffle."""
+    rows = load_dataset_rows("pandalm", 20)
+    settings = dict(max_length=256, seed=5, max_row_tokens=budget)
+    totals = trained_totals(model_dir("llama"), tokenizer, rows, group_by_prompt=True, **settings)
+
+    grouped = estimate_savings(rows, tokenizer, batch_size=BATCH, group_by_prompt=True, **settings)
+    plain = estimate_savings(rows, tokenizer, batch_size=BATCH, **settings)
+    assert grouped.tokens == totals["tokens"]
+    assert grouped.stock_tokens == plain.stock_tokens  # stock TRL's own shuffled batches, not the grouped ones
+    assert grouped.tokens < plain.tokens and grouped.group_by_prompt
+
+
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_spliced_tokenization_equals_trls(name):
     """Encoding the shared start once gives TRL's token ids on every pair (plain and as chat messages).

@@ -68,7 +68,7 @@ def test_sweep_measures_every_variant_and_the_estimate_predicts_the_tokens(kind,
         if cell["predicted_token_ratio"] is not None:
             assert abs(cell["prediction_error"]) < 0.1, cell
     predicted = [c for c in result["cells"] if c["predicted_token_ratio"] is not None]
-    assert len(predicted) == (2 if kind == "grpo" else 1)  # DPO: the estimator counts pairs, not grouped prompts
+    assert len(predicted) == 2  # every cell: DPO's n/2 pairs per prompt through `estimate --group-by-prompt`
 
 
 def test_time_cap_is_reported_and_longer_prompts_skipped(tmp_path, capsys):

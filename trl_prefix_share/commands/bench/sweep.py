@@ -346,8 +346,8 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
 
 
 def predicted_token_ratio(settings: SweepSettings, kind: str, tokenizer, texts) -> float | None:
-    """The estimator's token ratio for the cell (`estimate`'s own counting), where it models the trainer: GRPO, and
-    DPO with one pair per prompt (`estimate` counts pairs; it does not model `group_by_prompt`)."""
+    """The estimator's token ratio for the cell (`estimate`'s own counting), configured as the cell's trainer runs:
+    GRPO with G = n, DPO with its n/2 pairs per prompt grouped by prompt (`group_by_prompt`, as ours trains)."""
     from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_token_ids
 
     if kind == "grpo":
@@ -357,12 +357,14 @@ def predicted_token_ratio(settings: SweepSettings, kind: str, tokenizer, texts) 
         batch = settings.prompts_per_step * len(texts[0][1])
         count = count_online_tokens(prompts, completions, len(texts[0][1]), batch, shuffle=False, prompt_ids=prompt_ids)
         return count.ratio
-    if len(texts[0][1]) != 2:
-        return None
     from trl_prefix_share.commands.estimate import estimate_savings
 
     rows = dpo_rows(texts).to_list()
-    return estimate_savings(rows, tokenizer, batch_size=settings.prompts_per_step, max_length=None).token_ratio
+    batch = settings.prompts_per_step * (len(texts[0][1]) // 2)
+    estimate = estimate_savings(
+        rows, tokenizer, batch_size=batch, max_length=None, seed=settings.seed, group_by_prompt=True
+    )
+    return estimate.token_ratio
 
 
 def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:

@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="pad packed rows to a multiple of this (the trainer uses 128 on CUDA by default; none on CPU)",
     )
+    parser.add_argument(
+        "--group-by-prompt",
+        action="store_true",
+        help="dpo: ours with group_by_prompt=True (pairs of one prompt batched together, the prompt laid out once)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="the Trainer's seed (or data_seed) for the shuffle")
     parser.add_argument("--no-shuffle", action="store_true", help="batches in dataset order")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
@@ -199,6 +204,7 @@ def run_estimate(argv: list[str]) -> None:
             pad_to_multiple_of=args.pad_to_multiple_of,
             max_row_tokens=args.max_row_tokens,
             pad_rows_to_multiple_of=args.pad_rows_to_multiple_of,
+            group_by_prompt=args.group_by_prompt,
         )
         for batch_size in args.batch_size
     ]

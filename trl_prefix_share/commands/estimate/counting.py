@@ -43,28 +43,92 @@ def tree_tokens(sequences: list[tuple[int, bytes]]) -> int:
     return shared + own
 
 
+#: One laid-out sequence as the counts see it: (tokens, prompt tokens as `prompt_bytes`).
+Laid = tuple[int, bytes]
+
+
 def _packed_tokens(
-    documents: np.ndarray,
+    document_sizes: list[int],
+    documents: list[list[Laid]],
     max_row_tokens: int | None,
     pad_rows_to_multiple_of: int | None,
-    sequences: list[list[tuple[int, bytes]]] | None = None,
+    prefix_tree: bool,
 ) -> int:
     """Tokens of one batch's packed rows (`pack_documents`): rows x the longest row, rounded up. Rows are filled by
-    one-level document sizes; with ``sequences`` (each document's laid-out sequences) a row holds its prefix trees."""
-    rows = assign_rows(documents.tolist(), max_row_tokens)
-    if sequences is None:
-        longest = max(int(documents[row].sum()) for row in rows)
+    one-level document sizes; with ``prefix_tree`` a row holds the prefix trees of its documents' sequences."""
+    rows = assign_rows(document_sizes, max_row_tokens)
+    if prefix_tree:
+        longest = max(tree_tokens([seq for index in row for seq in documents[index]]) for row in rows)
     else:
-        longest = max(tree_tokens([seq for index in row for seq in sequences[index]]) for row in rows)
+        longest = max(sum(document_sizes[index] for index in row) for row in rows)
     return len(rows) * int(_round_up(np.int64(longest), pad_rows_to_multiple_of))
 
 
-def _laid_out_sequences(pairs: PairLengths, index: int) -> list[tuple[int, bytes]]:
-    """A pair's sequences as its document lays them out: one when chosen and rejected are identical."""
-    chosen, rejected = pairs.prompt_tokens[index]
-    if pairs.identical[index]:
-        return [(int(pairs.chosen_seq[index]), chosen)]
-    return [(int(pairs.chosen_seq[index]), chosen), (int(pairs.rejected_seq[index]), rejected)]
+def _pair_documents(pairs: PairLengths, batch: np.ndarray) -> tuple[list[int], list[list[Laid]]]:
+    """A batch's documents as the DPO collator builds them: one per pair (identical chosen/rejected laid out once)."""
+    sizes = [int(pairs.document[index]) for index in batch]
+    if pairs.prompt_tokens is None:
+        return sizes, [[] for _ in sizes]
+    laid_out = []
+    for index in batch:
+        chosen, rejected = pairs.prompt_tokens[index]
+        sequences = [(int(pairs.chosen_seq[index]), chosen)]
+        if not pairs.identical[index]:
+            sequences.append((int(pairs.rejected_seq[index]), rejected))
+        laid_out.append(sequences)
+    return sizes, laid_out
+
+
+def _one_level_size(sequences: list[Laid]) -> int:
+    """Tokens of one document whose sequences all have the same prompt (`GroupByPrompt`): the prompt's head once."""
+    prompt = len(sequences[0][1]) // 4
+    head = prompt - 1 if prompt >= 2 else 0
+    return head + sum(length - head for length, _ in sequences)
+
+
+def _grouped_documents(
+    pairs: PairLengths, batch: np.ndarray, max_row_tokens: int | None
+) -> tuple[list[int], list[list[Laid]]]:
+    """A batch's documents under `group_by_prompt` (`core.preference.prompt_groups.GroupByPrompt`), from the stock
+    batch's sequences in its order (chosen rows, then rejected rows): those with the same (truncated) prompt tokens
+    one document, in order of first appearance, cut into consecutive parts that fit ``max_row_tokens``; a part lays
+    out each distinct sequence once."""
+    groups: dict[bytes, list[tuple[bytes, Laid]]] = {}
+    for side, lengths in enumerate((pairs.chosen_seq, pairs.rejected_seq)):
+        for index in batch:
+            prompt = pairs.prompt_tokens[index][side]
+            groups.setdefault(prompt, []).append((pairs.sequence_digests[index][side], (int(lengths[index]), prompt)))
+    documents: list[list[Laid]] = []
+    for members in groups.values():
+        part: dict[bytes, Laid] = {}
+        for digest, sequence in members:
+            grown = {**part, digest: sequence}
+            if part and max_row_tokens is not None and _one_level_size(list(grown.values())) > max_row_tokens:
+                documents.append(list(part.values()))
+                grown = {digest: sequence}
+            part = grown
+        documents.append(list(part.values()))
+    return [_one_level_size(document) for document in documents], documents
+
+
+def _batch_order(pairs: PairLengths, batch_size: int, shuffle: bool, seed: int, group_by_prompt: bool) -> np.ndarray:
+    """The first epoch's order of our trainer: the seeded shuffle, or the prompt-grouped sampler's batches."""
+    if not group_by_prompt:
+        return sampler_order(len(pairs), shuffle, seed)
+    from trl_prefix_share.trainers.dpo.grouping import PromptGroupedSampler
+
+    batches = PromptGroupedSampler(pairs.prompt_keys, batch_size=batch_size, seed=seed).batches(0)
+    return np.array([index for batch in batches for index in batch], dtype=np.int64)
+
+
+def _stock_batches(pairs: PairLengths, order: np.ndarray, batch_size: int, multiple: int | None) -> np.ndarray:
+    """Tokens of stock TRL's padded ``[2B, L]`` batches, consecutive slices of ``order``."""
+    if not len(order):
+        return np.zeros(0, dtype=np.int64)
+    starts = np.arange(0, len(order), batch_size)
+    longest = np.maximum(pairs.chosen_seq, pairs.rejected_seq)[order]
+    sizes = np.diff(np.append(starts, len(order)))
+    return 2 * sizes * _round_up(np.maximum.reduceat(longest, starts), multiple)
 
 
 def count_tokens(
@@ -76,47 +140,44 @@ def count_tokens(
     max_row_tokens: int | None = None,
     pad_rows_to_multiple_of: int | None = None,
     prefix_tree: bool = True,
+    group_by_prompt: bool = False,
 ) -> SavingsEstimate:
     """Sum stock and prefix-shared tokens over the batches of one epoch (the last batch may be short, as in TRL);
-    ``prefix_tree``: our rows hold prefix trees (the trainers' default), else one-level documents."""
-    order = sampler_order(len(pairs), shuffle, seed)
-    starts = np.arange(0, len(order), batch_size)
-    stock = unpadded = ours = one_level = 0
-    ratios = []
-    if len(order):
-        longest = np.maximum(pairs.chosen_seq, pairs.rejected_seq)[order]
-        sizes = np.diff(np.append(starts, len(order)))
-        stock_batches = 2 * sizes * _round_up(np.maximum.reduceat(longest, starts), pad_to_multiple_of)
-        documents = pairs.document[order]
-        one_level_batches = np.array(
-            [_packed_tokens(documents[s : s + batch_size], max_row_tokens, pad_rows_to_multiple_of) for s in starts]
-        )
-        ours_batches = one_level_batches
-        if prefix_tree and pairs.prompt_tokens is not None:
-            laid_out = [_laid_out_sequences(pairs, int(index)) for index in order]
-            ours_batches = np.array(
-                [
-                    _packed_tokens(
-                        documents[s : s + batch_size],
-                        max_row_tokens,
-                        pad_rows_to_multiple_of,
-                        laid_out[s : s + batch_size],
-                    )
-                    for s in starts
-                ]
-            )
-        stock, ours = int(stock_batches.sum()), int(ours_batches.sum())
-        one_level = int(one_level_batches.sum())
-        unpadded = int(pairs.chosen_seq.sum() + pairs.rejected_seq.sum())
-        ratios = stock_batches / ours_batches
+    ``prefix_tree``: our rows hold prefix trees (the trainers' default), else one-level documents;
+    ``group_by_prompt``: ours is `PrefixSharedDPOConfig(group_by_prompt=True)` (its sampler and documents), stock
+    keeps its own shuffled order."""
+    if group_by_prompt and (pairs.prompt_keys is None or pairs.sequence_digests is None):
+        raise ValueError("group_by_prompt needs pairs from `tokenize_pairs` (their prompt keys and digests)")
+    stock_order = sampler_order(len(pairs), shuffle, seed)
+    order = _batch_order(pairs, batch_size, shuffle, seed, group_by_prompt)
+    stock_batches = _stock_batches(pairs, stock_order, batch_size, pad_to_multiple_of)
+    trees = prefix_tree and pairs.prompt_tokens is not None
+    ours_batches, one_level_batches = [], []
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        if group_by_prompt:
+            sizes, documents = _grouped_documents(pairs, batch, max_row_tokens)
+        else:
+            sizes, documents = _pair_documents(pairs, batch)
+        one_level = _packed_tokens(sizes, documents, max_row_tokens, pad_rows_to_multiple_of, prefix_tree=False)
+        one_level_batches.append(one_level)
+        if trees:
+            ours_batches.append(_packed_tokens(sizes, documents, max_row_tokens, pad_rows_to_multiple_of, True))
+        else:
+            ours_batches.append(one_level)
+    ours = np.asarray(ours_batches, dtype=np.int64)
+    # Per step, as the trainer logs it: stock's padding of the batch ours trains on.
+    same_batches = _stock_batches(pairs, order, batch_size, pad_to_multiple_of) if group_by_prompt else stock_batches
+    ratios = same_batches / ours if len(ours) else []
+    unpadded = int(pairs.chosen_seq.sum() + pairs.rejected_seq.sum())
     return SavingsEstimate(
         examples=len(pairs),
         batch_size=batch_size,
-        batches=len(starts),
-        stock_tokens=stock,
+        batches=len(ours_batches),
+        stock_tokens=int(stock_batches.sum()),
         unpadded_tokens=unpadded,
-        tokens=ours,
-        one_level_tokens=one_level,
+        tokens=int(ours.sum()),
+        one_level_tokens=int(sum(one_level_batches)),
         mean_batch_ratio=float(np.mean(ratios)) if len(ratios) else 0.0,
         prompt=LengthStats.of(pairs.prompt),
         chosen=LengthStats.of(pairs.chosen),
@@ -140,6 +201,7 @@ def count_tokens(
         max_row_tokens=max_row_tokens,
         pad_rows_to_multiple_of=pad_rows_to_multiple_of,
         spliced_checked=pairs.spliced_checked,
+        group_by_prompt=group_by_prompt,
     )
 
 
@@ -156,6 +218,7 @@ def estimate_savings(
     seed: int = 42,
     progress: bool = False,
     exact_tokenization: bool = False,
+    group_by_prompt: bool = False,
 ) -> SavingsEstimate:
     """Tokens stock TRL's DPOTrainer would run on `dataset` in one epoch vs `PrefixSharedDPOTrainer`.
 
@@ -168,4 +231,13 @@ def estimate_savings(
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(str(tokenizer))
     pairs = tokenize_pairs(dataset, tokenizer, max_length, truncation_mode, progress, exact_tokenization)
-    return count_tokens(pairs, batch_size, shuffle, seed, pad_to_multiple_of, max_row_tokens, pad_rows_to_multiple_of)
+    return count_tokens(
+        pairs,
+        batch_size,
+        shuffle,
+        seed,
+        pad_to_multiple_of,
+        max_row_tokens,
+        pad_rows_to_multiple_of,
+        group_by_prompt=group_by_prompt,
+    )

@@ -62,6 +62,8 @@ def format_report(estimates: Sequence[SavingsEstimate], title: str) -> str:
         ", implicit prompt" if first.implicit_prompt else ""
     )
     order = f"shuffled with seed {first.seed}" if first.shuffle else "in dataset order"
+    if first.group_by_prompt:
+        order = f"stock {order}, ours grouped by prompt (seed {first.seed})"
     truncation = "no truncation" if first.max_length is None else f"max_length {first.max_length}"
     if first.max_length is not None and first.truncation_mode != "keep_start":
         truncation += f" ({first.truncation_mode})"

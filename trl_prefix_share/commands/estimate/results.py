@@ -32,7 +32,9 @@ class SavingsEstimate:
     prompt+chosen and prompt+rejected tokens without padding (prompt counted twice), `tokens` what the prefix-shared
     packed rows hold (prefix trees: every prompt prefix common to several sequences of a row once; identical
     chosen/rejected laid out once), `one_level_tokens` the same rows sharing only each pair's own prompt.
-    `mean_batch_ratio` averages stock/ours over batches; `prompt_share` is the prompt's part of `unpadded_tokens`.
+    With `group_by_prompt`, ours are the batches of the prompt-grouped sampler, each prompt's sequences one document
+    (stock keeps its own shuffled batches). `mean_batch_ratio` averages stock/ours over our batches (stock padding
+    the same batch, as the trainer logs); `prompt_share` is the prompt's part of `unpadded_tokens`.
     Length statistics are before truncation; `spliced_checked` counts the pairs whose spliced tokenization was
     checked against TRL's (0: TRL's was used).
     """
@@ -63,6 +65,7 @@ class SavingsEstimate:
     max_row_tokens: int | None = None
     pad_rows_to_multiple_of: int | None = None
     spliced_checked: int = 0
+    group_by_prompt: bool = False
 
     @property
     def token_ratio(self) -> float:
@@ -100,7 +103,9 @@ class PairLengths:
 
     `chosen_seq`/`rejected_seq` are the truncated prompt+response lengths of the stock batch, `document` the tokens
     the pair takes in a one-level packed row; `prompt_tokens` the prompt tokens of its chosen and rejected sequences
-    (`tokenization.prompt_bytes`), from which prefix trees across pairs are counted.
+    (`tokenization.prompt_bytes`), from which prefix trees across pairs are counted; `sequence_digests` fingerprints
+    of those two sequences and `prompt_keys` of the untruncated prompt, from which `group_by_prompt`'s batches and
+    documents are built.
     """
 
     prompt: np.ndarray
@@ -118,6 +123,8 @@ class PairLengths:
     truncation_mode: str
     spliced_checked: int = 0
     prompt_tokens: list[tuple[bytes, bytes]] | None = None
+    sequence_digests: list[tuple[bytes, bytes]] | None = None
+    prompt_keys: list[bytes] | None = None
 
     def __len__(self) -> int:
         return len(self.document)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -201,9 +202,10 @@ def _completion_start(prompt: int, full: int, kept: int, mode: str) -> int:
 
 def _pair(
     prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int | None, mode: str
-) -> tuple[tuple[int, int, int, int, int, int, int, bool], tuple[bytes, bytes]]:
+) -> tuple[tuple[int, int, int, int, int, int, int, bool], tuple[bytes, bytes], tuple[bytes, bytes], bytes]:
     """One pair's lengths: as `DataCollatorForPreference` truncates it, and as `layout.make_document` lays it out;
-    with the prompt tokens of its truncated chosen and rejected sequences (what a prefix tree may share).
+    with the prompt tokens of its truncated chosen and rejected sequences (what a prefix tree may share), digests of
+    those two sequences (which are identical, for `group_by_prompt`) and a digest of the prompt (its sampler key).
 
     `chosen_ids`/`rejected_ids` are the full prompt+response tokenizations. Returns (prompt, chosen, rejected)
     lengths, the truncated sequence lengths, the truncated prompt length, the document length and whether chosen and
@@ -231,7 +233,17 @@ def _pair(
         document,
         identical,
     )
-    return lengths, (prompt_bytes(seq_c[:start_c]), prompt_bytes(seq_r[:start_r]))
+    digests = (digest(seq_c[:start_c], seq_c), digest(seq_r[:start_r], seq_r))
+    return lengths, (prompt_bytes(seq_c[:start_c]), prompt_bytes(seq_r[:start_r])), digests, digest(prompt_ids)
+
+
+def digest(*parts: list[int]) -> bytes:
+    """A short fingerprint of token lists (equal lists, equal digests; 16 bytes whatever their length)."""
+    hasher = hashlib.blake2b(digest_size=16)
+    for tokens in parts:
+        hasher.update(prompt_bytes(tokens))
+        hasher.update(b"|")
+    return hasher.digest()
 
 
 def prompt_bytes(tokens: list[int]) -> bytes:
@@ -286,14 +298,16 @@ def _collect(
     records: list[tuple], conversational: bool, implicit: bool, max_length: int | None, truncation_mode: str
 ) -> PairLengths:
     """Arrays of the kept pairs: TRL drops a pair whose prompt alone fills `max_length` under `keep_start`."""
-    table = np.array([lengths for lengths, _ in records], dtype=np.int64).reshape(-1, 8)
+    table = np.array([record[0] for record in records], dtype=np.int64).reshape(-1, 8)
     keep = np.ones(len(table), dtype=bool)
     if max_length is not None and truncation_mode == "keep_start":
         keep = table[:, 0] < max_length
     table = table[keep]
-    prompts = [tokens for (_, tokens), kept in zip(records, keep.tolist(), strict=True) if kept]
+    kept = [record for record, flag in zip(records, keep.tolist(), strict=True) if flag]
     return PairLengths(
-        prompt_tokens=prompts,
+        prompt_tokens=[record[1] for record in kept],
+        sequence_digests=[record[2] for record in kept],
+        prompt_keys=[record[3] for record in kept],
         prompt=table[:, 0],
         chosen=table[:, 1],
         rejected=table[:, 2],
