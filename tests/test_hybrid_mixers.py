@@ -154,7 +154,12 @@ def dpo_pair(saved, family, tokenizer, rows, **config):
 
 #: Families whose mixers run on the packed tokens without padding (`core/mixers/ragged.py`); the others run padded
 #: batches of segments.
-RAGGED = {"lfm2", "lfm2_biased", "qwen3_5_text", "qwen3_next"}
+#: Mamba2 mixers call the scan helper that takes the mixer (`mamba2_scan_forward`) from transformers 5.25 on, the
+#: release that also brought the shared convolution helper; before, they scan inline and stay on the padded run.
+MAMBA2_UNPADDED = causal_conv1d_forward is not None
+RAGGED = {"lfm2", "lfm2_biased", "qwen3_5_text", "qwen3_next"} | (
+    {"nemotron_h", "granitemoehybrid", "falcon_h1"} if MAMBA2_UNPADDED else set()
+)
 
 
 def count_runs(monkeypatch) -> dict[str, int]:
@@ -173,8 +178,8 @@ def count_runs(monkeypatch) -> dict[str, int]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dpo_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
-    """Convolution and gated-delta mixers on the packed tokens (no padding); the others in padded calls: prefixes of
-    several lengths left-padded (bias-free mixers, and Mamba2, which masks again after its biased convolution) or
+    """Convolution, gated-delta and Mamba2 mixers on the packed tokens (no padding, prefix trees on); Kimi delta
+    attention in padded calls (one-level layouts): prefixes of several lengths left-padded (bias-free mixers) or
     grouped by length (biased ones)."""
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
     assert ours.prefix_share_packing.prefix_tree == (family in RAGGED)  # trees need the unpadded run
@@ -221,7 +226,10 @@ def test_a_prefix_tree_matches_stock(saved, tokenizer, monkeypatch):
     assert runs["run_ragged"] > 0 and runs["run_segmented"] == 0
 
 
-@pytest.mark.parametrize(("family", "run"), [("lfm2", "run_ragged"), ("nemotron_h", "run_segmented")])
+@pytest.mark.parametrize(
+    ("family", "run"),
+    [("nemotron_h", "run_ragged" if MAMBA2_UNPADDED else "run_segmented"), ("kimi_linear", "run_segmented")],
+)
 def test_gradient_checkpointing_recomputes_the_segmented_mixers(family, run, saved, tokenizer, hh_rows, monkeypatch):
     """The layout reaches each mixer through the layer's keyword arguments, which checkpointing replays (the ragged
     run's forward copy included)."""
@@ -268,25 +276,58 @@ def ragged_without_boundaries(document_ids, branch_ids, span_ends):
     return build_ragged_plan(real - 1, torch.zeros_like(branch_ids).masked_fill(real == 0, -1), one_run)
 
 
+def slow_decay(model: torch.nn.Module) -> None:
+    """Mamba2 mixers with a decay rate near zero (``A = -exp(-4)``): a leaked state then lasts through a whole prompt
+    instead of fading within tens of tokens, so the planted faults show in the loss."""
+    for module in model.modules():
+        if isinstance(getattr(module, "A_log", None), torch.nn.Parameter):
+            module.A_log.data.fill_(-4.0)
+
+
 @pytest.mark.parametrize(
     ("family", "target", "faults", "least"),
     [
-        ("nemotron_h", "build_segments", [without_prefix_state], 1e-2),
+        ("kimi_linear", "build_segments", [without_prefix_state], 1e-2),
         ("qwen3_5_text", "build_ragged_plan", [ragged_without_prefix_state, ragged_without_boundaries], 1e-2),
+        pytest.param(
+            "nemotron_h",
+            "build_ragged_plan",
+            [ragged_without_prefix_state],
+            1e-2,
+            marks=pytest.mark.skipif(not MAMBA2_UNPADDED, reason="Mamba2 takes the padded run before 5.25"),
+        ),
+        pytest.param(
+            "nemotron_h",
+            "build_ragged_plan",
+            [ragged_without_boundaries],
+            50 * RELATIVE_TOLERANCE,
+            marks=pytest.mark.skipif(not MAMBA2_UNPADDED, reason="Mamba2 takes the padded run before 5.25"),
+        ),
         ("lfm2", "build_ragged_plan", [ragged_without_boundaries], 100 * RELATIVE_TOLERANCE),
     ],
-    ids=["padded-mamba2", "ragged-gated-delta", "ragged-convolution"],
+    ids=[
+        "padded-kimi-delta",
+        "ragged-gated-delta",
+        "ragged-mamba2-state",
+        "ragged-mamba2-boundaries",
+        "ragged-convolution",
+    ],
 )
 def test_a_lost_state_or_boundary_is_caught(family, target, faults, least, saved, tokenizer, hh_rows, monkeypatch):
     """The comparison can fail: branches that start from a zero state, or documents whose state leaks into the next
     (the known trap of variable-length kernels), move the loss by more than ``least``: 1e-2 for a lost recurrent
     state; a short convolution's leak reaches only its kernel's first tokens after a boundary (2e-3 of the loss
-    measured, so 100x the tolerance is asked)."""
+    measured, so 100x the tolerance is asked). Mamba2's decaying state fades within a prompt, so its mixers get a
+    near-zero decay rate here (`slow_decay`, stock and ours alike); a leak across documents then moves the loss by
+    1.3e-3 (50x the tolerance asked), a branch that loses its prefix's state by > 1e-2."""
     from equivalence import loss_and_grads
 
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
+    for trainer in (stock, ours) if KINDS[family] == "mamba2" else ():
+        slow_decay(trainer.model)  # both policies alike (their reference models keep the saved weights)
     stock_batch = first_batch(stock, 4)
     expected, _, _ = loss_and_grads(stock, stock_batch)
+    assert relative_difference(loss_and_grads(ours, first_batch(ours, 4))[0], expected) <= RELATIVE_TOLERANCE
     for fault in faults:
         with monkeypatch.context() as patch:
             patch.setattr(segmented, target, fault)
@@ -321,9 +362,11 @@ def test_mixer_kinds_are_read_from_their_code():
 
 
 def test_the_unpadded_run_is_read_from_the_forward():
-    """Convolution and gated-delta forwards of the tested releases take the unpadded run; Mamba2 stays padded; a
-    forward with a call that mixes along time, or an instance whose projection was swapped for a convolution, stays
-    on the padded run with the reason named."""
+    """Convolution, gated-delta and Mamba2 forwards of the tested releases take the unpadded run (Mamba2's fused
+    kernel call answered None); Kimi delta attention stays padded; a forward with a call that mixes along time, or an
+    instance whose projection was swapped for a convolution, stays on the padded run with the reason named."""
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
     from transformers.models.lfm2.configuration_lfm2 import Lfm2Config
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
@@ -335,7 +378,12 @@ def test_the_unpadded_run_is_read_from_the_forward():
         recipe = ragged_recipe(served)
         assert isinstance(recipe, RaggedRecipe), recipe
         assert recipe.scan_kernel is None if served is modeling_lfm2.Lfm2ShortConv else recipe.scan_kernel
-    assert "serves short_conv, gated_delta mixers only" in ragged_recipe(NemotronHMamba2Mixer)
+    for mamba2 in (NemotronHMamba2Mixer, FalconH1Mixer) if MAMBA2_UNPADDED else ():
+        recipe = ragged_recipe(mamba2)
+        assert isinstance(recipe, RaggedRecipe), recipe
+        assert recipe.scan_kernel == "mamba2_scan_forward"
+        assert recipe.fused == ("mamba2_split_conv1d_scan_combined",)  # answered None: the torch path runs
+    assert "serves short_conv, gated_delta, mamba2 mixers only" in ragged_recipe(KimiLinearDeltaAttention)
 
     if causal_conv1d_forward is not None:  # transformers >= 5.25: the convolution helper that takes the module
 
@@ -407,16 +455,52 @@ def check_ragged_kernels_per_segment(plan, document_ids: torch.Tensor) -> None:
     padding = document_ids.reshape(-1) < 0
     if bool(padding.any()):
         assert scanned[0, padding].abs().max() == 0 and convolved[0, :, padding].abs().max() == 0
+    check_ragged_mamba2_per_segment(plan, padding, randn)
+
+
+def check_ragged_mamba2_per_segment(plan, padding: torch.Tensor, randn) -> None:
+    """The ragged Mamba2 scan over ``plan`` against transformers' torch kernel (float64; its own chunk size, 16, not
+    the ragged run's 64) run on each segment alone from its parent's final state; padding gets the skip term only."""
+    import transformers.models.mamba2.modeling_mamba2 as mamba2
+
+    tokens, heads, groups, head_dim, state, limit = plan.num_tokens, 4, 2, 8, 6, (0.0, 2.0)
+    hidden, dt = randn(1, tokens, heads, head_dim), randn(1, tokens, heads)
+    B, C = randn(1, tokens, groups, state), randn(1, tokens, groups, state)
+    A, D, dt_bias = -(torch.rand(heads, dtype=torch.float64) + 0.1), randn(heads), randn(heads)
+    schedule = plan.chunk_schedule(torch.device("cpu"))
+    scanned = ragged_kernels.ragged_mamba2_scan(hidden, dt, A, B, C, D, dt_bias, limit, schedule)
+    final_states = {}
+    for segment, (start, length, parent) in enumerate(zip(plan.starts, plan.lengths, plan.parents, strict=True)):
+        run, parent = slice(int(start), int(start + length)), int(parent)
+        expected, final_states[segment] = mamba2.mamba2_chunk_scan(
+            hidden[:, run],
+            dt[:, run],
+            A,
+            B[:, run],
+            C[:, run],
+            chunk_size=16,
+            D=D,
+            dt_bias=dt_bias,
+            initial_states=final_states.get(parent),
+            dt_softplus=True,
+            dt_limit=limit,
+            return_final_states=True,
+        )
+        torch.testing.assert_close(scanned[:, run], expected, rtol=1e-12, atol=1e-12)
+    if bool(padding.any()):
+        torch.testing.assert_close(scanned[0, padding], D[:, None] * hidden[0, padding], rtol=0, atol=0)
 
 
 def test_ragged_kernels_match_transformers_per_segment(monkeypatch):
-    """The ragged convolution and gated delta rule over packed segments equal transformers' own torch kernel (its
-    source, in float64) run on each segment alone from its prefix's state: prefixes longer than one chunk, a prefix
-    shorter than the convolution's history, an unshared document, row padding."""
+    """The ragged convolution, gated delta rule and Mamba2 scan over packed segments equal transformers' own torch
+    kernels (their source, in float64) run on each segment alone from its prefix's state: prefixes longer than one
+    chunk, a prefix shorter than the convolution's history, an unshared document, row padding."""
+    import transformers.models.mamba2.modeling_mamba2 as mamba2
     import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
 
     monkeypatch.setattr(ragged_kernels, "COMPUTE_DTYPE", torch.float64)
     run_kernel_in_float64(monkeypatch, qwen3_5)
+    run_kernel_in_float64(monkeypatch, mamba2, "mamba2_chunk_scan")
     # row 0: prefix 70 + branches 5, 130; an unshared document of 3. row 1: prefix 2 + branch 66, then padding.
     document_ids = torch.full((2, 208), -1)
     branch_ids = torch.full((2, 208), -1)
@@ -432,12 +516,14 @@ def test_ragged_kernels_take_a_prefix_tree(monkeypatch):
     """A tree three levels deep: a 70-token system prompt, prompts of 2 tokens (shorter than the convolution's
     history, which then reaches into the system prompt) and of 80 (past a chunk), then responses: every node from
     its parent's final state."""
+    import transformers.models.mamba2.modeling_mamba2 as mamba2
     import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
 
     from trl_prefix_share.core.layout import SequenceSpec, make_document, pack_documents
 
     monkeypatch.setattr(ragged_kernels, "COMPUTE_DTYPE", torch.float64)
     run_kernel_in_float64(monkeypatch, qwen3_5)
+    run_kernel_in_float64(monkeypatch, mamba2, "mamba2_chunk_scan")
     generator = torch.Generator().manual_seed(3)
 
     def tokens(n):
@@ -552,7 +638,8 @@ def run_kernel_in_float64(monkeypatch, module, name: str = "torch_chunk_gated_de
     assert source, f"cannot read {module.__name__}.{name}"
     source = "\n".join(line for line in source.splitlines() if not line.startswith("@"))
     namespace = dict(vars(module))
-    exec(source.replace("torch.float32", "torch.float64"), namespace)  # noqa: S102 - transformers' own source
+    source = source.replace("torch.float32", "torch.float64").replace(".float()", ".double()")
+    exec(source, namespace)  # noqa: S102 - transformers' own source
     monkeypatch.setattr(module, name, namespace[name])
     monkeypatch.setattr(ragged_kernels, "COMPUTE_DTYPE", torch.float64)  # the ragged scan alike
 

@@ -1,14 +1,17 @@
-"""Running a gated-delta or short-convolution mixer's own forward once over all packed tokens, without padding.
+"""Running a gated-delta, Mamba2 or short-convolution mixer's own forward once over all packed tokens, unpadded.
 
 The padded segmented run (`segmented.run_segmented`) calls a mixer on batches of segments, so every projection and
 the scan compute padded slots, and sharing cuts documents into more, shorter segments than stock's rows. Here the
 mixer's forward runs once on ``[1, N, hidden]``, all packed tokens end to end: its projections, gates and norms see
 only real tokens, and the two calls in it that carry state along the sequence, the causal convolution helper and the
-chunked gated delta rule, are replaced for this call only by ragged versions (`ragged_kernels`) that keep every
-segment to itself and start each branch from its prefix's state (`ragged_plan`).
+chunked scan (the gated delta rule, or Mamba2's selective scan), are replaced for this call only by ragged versions
+(`ragged_kernels`) that keep every segment to itself and start each branch from its prefix's state (`ragged_plan`).
 
 Which calls those are is read from the forward's code (`ragged_recipe`): the convolution helper is the function it
-calls that reaches ``update_conv_state``; the scan is the called name ending in ``chunk_gated_delta_rule``. Every
+calls that reaches ``update_conv_state``; the scan is the called name ending in ``chunk_gated_delta_rule`` or
+``mamba2_scan_forward`` (the helper that takes the Mamba2 mixer and reads its decay, skip and time-step parameters
+from it). A fused kernel the forward may try first (``..._split_conv1d_scan_combined``, which returns None unless a
+Hub kernel is loaded) is answered None, so the forward takes its own torch path. Every
 other call in the forward (and in its own methods) must be one that acts on each token alone (a projection, a
 reshape, a gate, a norm); anything else, or a call pattern at run time other than one convolution and one scan,
 leaves the mixer on the padded run, which is exact for any served mixer. The replacement is a copy of the forward
@@ -30,11 +33,11 @@ import torch
 
 from trl_prefix_share.core.code_reading import body_calls, called_name, function_facts, plain_function, self_attribute
 from trl_prefix_share.core.mixers.kinds import class_verdict
-from trl_prefix_share.core.mixers.ragged_kernels import ragged_causal_conv, ragged_gated_delta_rule
+from trl_prefix_share.core.mixers.ragged_kernels import ragged_causal_conv, ragged_gated_delta_rule, ragged_mamba2_scan
 from trl_prefix_share.core.mixers.ragged_plan import DELTA_CHUNK, RaggedPlan
 
-#: Mixer kinds whose state lives in a convolution helper and (gated delta) one chunked scan.
-RAGGED_KINDS = ("short_conv", "gated_delta")
+#: Mixer kinds whose state lives in a convolution helper and (gated delta, Mamba2) one chunked scan.
+RAGGED_KINDS = ("short_conv", "gated_delta", "mamba2")
 #: Methods a ragged forward may call besides the two calls it hands over: each acts on every token alone, only
 #: reshapes, or is a cache method (the ragged call passes no cache, so the forward skips those). A method named
 #: otherwise keeps the mixer on the padded run. Reductions (``max``, ``sum``, ``mean``, ...) are not here: called on
@@ -77,6 +80,12 @@ TOKENWISE_FUNCTIONS = frozenset({"len", "min", "max", "range", "apply_mask_to_pa
 _ACTIVATIONS = (None, "silu", "swish")
 _SCAN_SUFFIX = "chunk_gated_delta_rule"
 _STEP_SUFFIX = "recurrent_gated_delta_rule"
+_MAMBA2_SCAN_SUFFIX = "mamba2_scan_forward"
+#: A fused convolution + scan + norm + projection kernel: its torch fallback returns None (the forward then runs
+#: step by step); a loaded Hub kernel would scan the packed row without boundaries, so the ragged call answers None.
+_FUSED_SUFFIX = "split_conv1d_scan_combined"
+#: The Mamba2 mixer's attributes the scan helper reads (transformers' documented arguments of the helper).
+_MAMBA2_FIELDS = ("A_log", "D", "dt_bias", "time_step_limit", "num_heads", "head_dim", "n_groups", "ssm_state_size")
 #: transformers <= 5.24 convolves inline: the forward calls the convolution kernel itself (``causal_conv1d_fn(x,
 #: weight [C, K], bias, activation)``) and, on a one-token decode, the in-place update (never reached here).
 _CONV_KERNEL_SUFFIX = "causal_conv1d_fn"
@@ -101,6 +110,7 @@ class RaggedRecipe:
     refused: tuple[str, ...]
     submodules: tuple[str, ...]
     conv_takes_weights: bool = False
+    fused: tuple[str, ...] = ()
 
 
 def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> None:
@@ -130,8 +140,10 @@ def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> N
         if global_name is None:
             raise RaggedUnsupported(f"{module_class.__name__} makes a call the ragged run cannot read")
         target = plain.__globals__.get(global_name) if plain is not None else None
-        if global_name.endswith(_SCAN_SUFFIX):
+        if global_name.endswith((_SCAN_SUFFIX, _MAMBA2_SCAN_SUFFIX)):
             found["scan"].add(global_name)
+        elif global_name.endswith(_FUSED_SUFFIX):
+            found["fused"].add(global_name)
         elif global_name.endswith((_STEP_SUFFIX, _CONV_STEP_SUFFIX)):
             found["refused"].add(global_name)
         elif global_name.endswith(_CONV_KERNEL_SUFFIX):
@@ -148,7 +160,14 @@ def ragged_recipe(module_class: type) -> RaggedRecipe | str:
     verdict = class_verdict(module_class)
     if verdict is None or verdict.kind not in RAGGED_KINDS:
         return f"{module_class.__name__}: the ragged run serves {', '.join(RAGGED_KINDS)} mixers only"
-    found: dict[str, set] = {"conv": set(), "conv_kernel": set(), "scan": set(), "refused": set(), "submodules": set()}
+    found: dict[str, set] = {
+        "conv": set(),
+        "conv_kernel": set(),
+        "scan": set(),
+        "refused": set(),
+        "submodules": set(),
+        "fused": set(),
+    }
     try:
         _read_calls(module_class, module_class.forward, found, 0)
     except RaggedUnsupported as reason:
@@ -156,16 +175,20 @@ def ragged_recipe(module_class: type) -> RaggedRecipe | str:
     convolutions = found["conv"] | found["conv_kernel"]
     if len(convolutions) != 1:
         return f"{module_class.__name__}: expected one convolution call, found {sorted(convolutions)}"
-    wants_scan = verdict.kind == "gated_delta"
+    wants_scan = verdict.kind in ("gated_delta", "mamba2")
     if len(found["scan"]) != int(wants_scan):
         return f"{module_class.__name__}: expected {int(wants_scan)} chunked scan(s), found {sorted(found['scan'])}"
     scan = next(iter(found["scan"]), None)
+    expected_suffix = _MAMBA2_SCAN_SUFFIX if verdict.kind == "mamba2" else _SCAN_SUFFIX
+    if scan is not None and not scan.endswith(expected_suffix):
+        return f"{module_class.__name__}: a {verdict.kind} mixer calls the scan `{scan}`"
     return RaggedRecipe(
         next(iter(convolutions)),
         scan,
         tuple(sorted(found["refused"])),
         tuple(sorted(found["submodules"])),
         conv_takes_weights=bool(found["conv_kernel"]),
+        fused=tuple(sorted(found["fused"])),
     )
 
 
@@ -253,6 +276,31 @@ def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: Ragge
         schedule = plan.chunk_schedule(query.device, chunk_size)
         return ragged_gated_delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm_in_kernel, scale), None
 
+    def mamba2_scan(mixer, hidden, B, C, dt, cache=None, **extra):
+        calls["scan"] += 1
+        if mixer is not module or cache is not None or any(extra.get(k) is not None for k in ("seq_idx", "cu_seqlens")):
+            raise RaggedUnsupported("the scan was handed another mixer, a cache or sequence boundaries of its own")
+        missing = [name for name in _MAMBA2_FIELDS if not hasattr(module, name)]
+        if missing:
+            raise RaggedUnsupported(f"the Mamba2 mixer lacks {missing}")
+        tokens, heads, head_dim = hidden.size(1), module.num_heads, module.head_dim
+        groups, state = module.n_groups, module.ssm_state_size
+        scanned = ragged_mamba2_scan(
+            hidden.reshape(1, tokens, heads, head_dim),
+            dt,
+            -torch.exp(module.A_log.float()),
+            B.reshape(1, tokens, groups, state),
+            C.reshape(1, tokens, groups, state),
+            module.D,
+            module.dt_bias,
+            tuple(module.time_step_limit),
+            plan.chunk_schedule(hidden.device, DELTA_CHUNK),
+        )
+        return scanned.reshape(1, tokens, heads * head_dim)
+
+    def fused(*_args, **_kwargs):
+        return None  # as the kernel's torch fallback: the forward then runs its convolution and scan
+
     def refused(*_args, **_kwargs):
         raise RaggedUnsupported("the forward took its one-token step")
 
@@ -260,7 +308,10 @@ def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: Ragge
     namespace = dict(forward.__globals__)
     namespace[recipe.conv_helper] = conv_kernel if recipe.conv_takes_weights else conv_helper
     if recipe.scan_kernel is not None:
-        namespace[recipe.scan_kernel] = scan_kernel
+        is_mamba2 = recipe.scan_kernel.endswith(_MAMBA2_SCAN_SUFFIX)
+        namespace[recipe.scan_kernel] = mamba2_scan if is_mamba2 else scan_kernel
+    for name in recipe.fused:
+        namespace[name] = fused
     for name in recipe.refused:
         namespace[name] = refused
     patched = types.FunctionType(

@@ -1,11 +1,14 @@
-"""A causal depthwise convolution and a chunked gated delta rule over packed segments, in plain torch.
+"""A causal depthwise convolution, a chunked gated delta rule and a chunked Mamba2 scan over packed segments, in
+plain torch.
 
 They compute what transformers' torch paths (and flash-linear-attention's kernels) compute for one sequence, for many
 sequences of different lengths laid end to end, each from its own initial state: the convolution of a segment sees
 its ``K - 1`` history inputs (a branch: its prefix's last inputs; otherwise zeros), the scan of a segment starts from
 zero or from its prefix's final state. The math is the published chunked form of the gated delta rule (Yang et al.,
 "Gated Delta Networks", 2024): within a chunk a unit lower-triangular system condenses the delta-rule updates, across
-chunks a recurrence carries the ``[d_k, d_v]`` state. Only the kernels' API is shared with transformers, not code.
+chunks a recurrence carries the ``[d_k, d_v]`` state. The Mamba2 scan is the published state space duality form
+(Dao & Gu, "Transformers are SSMs", 2024): within a chunk a decay-weighted ``C B^T`` product, across chunks the
+``[d_state, head_dim]`` state. Only the kernels' API is shared with transformers, not code.
 """
 
 from __future__ import annotations
@@ -123,3 +126,66 @@ def ragged_gated_delta_rule(
         return value.new_zeros((1, schedule.output.numel(), heads, d_v)).to(out_dtype)
     per_slot = torch.cat(outputs).transpose(1, 2).reshape(-1, heads, d_v)  # [chunks * C, H, d_v]
     return _with_zero_row(per_slot)[schedule.output][None].to(out_dtype)
+
+
+def ragged_mamba2_scan(
+    hidden_states: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_limit: tuple[float, float],
+    schedule: ChunkSchedule,
+) -> torch.Tensor:
+    """Mamba2's selective scan ``[1, N, H, P]`` for inputs ``hidden_states [1, N, H, P]``, time steps ``dt [1, N, H]``
+    (before ``dt_bias`` and softplus, clamped to ``dt_limit`` after), ``A [H]`` (negative decay rates), ``B, C [1, N,
+    G, S]`` (G groups of heads) and the skip ``D [H]``; every segment of ``schedule`` from its own initial state. The
+    time-step arithmetic runs in ``dt``'s dtype, the scan in float32, and the skip term promotes as transformers' torch
+    path does; tokens in no segment get the skip term only."""
+    heads, groups = hidden_states.size(2), B.size(2)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    dt = torch.clamp(F.softplus(dt), min=dt_limit[0], max=dt_limit[1])
+    x = hidden_states[0].to(COMPUTE_DTYPE)
+    step = dt[0].to(COMPUTE_DTYPE)  # [N, H]
+    B, C = (t[0].to(COMPUTE_DTYPE).repeat_interleave(heads // groups, dim=1) for t in (B, C))  # [N, H, S]
+    inputs = _chunked(x * step[..., None], schedule)  # [chunks, H, L, P]
+    B, C = _chunked(B, schedule), _chunked(C, schedule)  # [chunks, H, L, S]
+    log_decay = _chunked(A.to(COMPUTE_DTYPE) * step, schedule).cumsum(dim=-1)  # [chunks, H, L], 0 past a segment
+
+    chunk = inputs.size(2)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    pair_decay = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    within = ((C @ B.transpose(-1, -2)) * pair_decay) @ inputs  # [chunks, H, L, P]
+    to_end = (log_decay[..., -1:] - log_decay).exp()
+    written = (B * to_end[..., None]).transpose(-1, -2) @ inputs  # [chunks, H, S, P]: the chunk's own state
+    chunk_decay = log_decay[..., -1].exp()[..., None, None]
+    reads = C * log_decay.exp()[..., None]  # the chunk's start state, decayed to each slot
+
+    state_shape = (heads, B.size(-1), inputs.size(-1))
+    outputs = []
+    final_states = None
+    for level, steps in enumerate(schedule.steps):  # tree depths: roots from zero, then each from its parents
+        if schedule.level_sizes[level] == 0:
+            continue
+        if level == 0:
+            state = x.new_zeros((schedule.level_sizes[0], *state_shape))
+        else:
+            state = final_states[schedule.parent_rank[level]]
+        for first, active in steps:
+            rows = slice(first, first + active)
+            current = state[:active]
+            outputs.append(within[rows] + reads[rows] @ current)
+            advanced = current * chunk_decay[rows] + written[rows]
+            state = advanced if active == state.size(0) else torch.cat([advanced, state[active:]])
+        final_states = state
+    if outputs:
+        per_slot = torch.cat(outputs).transpose(1, 2).reshape(-1, heads, inputs.size(-1))  # [chunks * L, H, P]
+        scanned = _with_zero_row(per_slot)[schedule.output]
+    else:
+        scanned = x.new_zeros(x.shape)
+    if D is not None:
+        scanned = scanned + D[:, None] * x
+    return scanned[None]
