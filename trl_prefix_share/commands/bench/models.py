@@ -49,7 +49,29 @@ QWEN3_5_SCALED = ModelShape(
 )
 
 
-#: Shapes by name. All but "tiny" and "qwen3.5-scaled" copy a published config's sizes (vocab comes from the
+#: Nemotron-H's hybrid pattern scaled to a CPU: Mamba2 mixers and MLPs alternating, an attention layer in every
+#: third pair (Nemotron-H interleaves a few attention layers among its Mamba2 / MLP blocks), width 512, Mamba2 heads
+#: of 64 with a 64-wide state in 2 groups (the 8B's ratios, fewer heads), 12 blocks, tied embeddings.
+NEMOTRON_H_SCALED = ModelShape(
+    "nemotron_h",
+    12,
+    512,
+    8,
+    2,
+    1536,
+    tie_embeddings=True,
+    extra_config=(
+        ("layers_block_type", ["mamba", "mlp", "mamba", "mlp", "attention", "mlp"] * 2),
+        ("head_dim", 64),
+        ("mamba_num_heads", 16),
+        ("mamba_head_dim", 64),
+        ("ssm_state_size", 64),
+        ("n_groups", 2),
+    ),
+)
+
+
+#: Shapes by name. All but "tiny" and the two "-scaled" hybrids copy a published config's sizes (vocab comes from the
 #: tokenizer): "smollm-135m" is the model family of the shared SmolLM tokenizer, a real model body whose DPO step still
 #: takes 20-110 s on a 2-core CPU (stock TRL's included), so a full ablation fits in an hour there.
 PRESETS: dict[str, ModelShape] = {
@@ -58,6 +80,7 @@ PRESETS: dict[str, ModelShape] = {
     "qwen2.5-0.5b": ModelShape("qwen2", 24, 896, 14, 2, 4864, tie_embeddings=True),
     "qwen2.5-1.5b": ModelShape("qwen2", 28, 1536, 12, 2, 8960, tie_embeddings=True),
     "qwen3.5-scaled": QWEN3_5_SCALED,
+    "nemotron-h-scaled": NEMOTRON_H_SCALED,
 }
 
 
