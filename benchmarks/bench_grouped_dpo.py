@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import tempfile
@@ -40,7 +39,12 @@ from trl_prefix_share.commands.bench.command import (  # noqa: E402
     write_small_run_json,
 )
 from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
-from trl_prefix_share.commands.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
+from trl_prefix_share.commands.bench.measure import (  # noqa: E402
+    PeakMemory,
+    TrainMeasurement,
+    alternating_rounds,
+    measured_train,
+)
 from trl_prefix_share.commands.bench.models import ModelShape, build_model_dir  # noqa: E402
 from trl_prefix_share.commands.bench.runner import BenchSettings, common_config  # noqa: E402
 from trl_prefix_share.trainers.dpo.grouped import GroupedPrefixSharedDPOTrainer  # noqa: E402
@@ -128,17 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(+{args.warmup} warm-up); torch {torch.__version__}, transformers {transformers.__version__}, "
         f"trl {trl.__version__}"
     )
-    runs: dict[str, list[TrainMeasurement]] = {name: [] for name in TRAINERS}
-    for round_index in range(args.rounds):
-        for name in TRAINERS:
-            result = run_once(name, args, model_dir, tokenizer, dataset)
-            runs[name].append(result)
-            gc.collect()
-            print(
-                f"  round {round_index + 1} {name:>7}: median {statistics.median(result.step_seconds):.3f} s/step, "
-                f"{result.tokens_per_step:.0f} tokens/step, peak {_mib(result.peak_memory_mib)}",
-                flush=True,
-            )
+    runs = alternating_rounds(
+        list(TRAINERS), args.rounds, lambda name: run_once(name, args, model_dir, tokenizer, dataset)
+    )
     summary = summarize(runs, args.steps)
     header = f"{'trainer':<10}{'median s/step':>15}{'best s/step':>13}{'tokens/step':>13}{'peak MiB':>10}"
     print(f"\n{header}{'speed':>8}{'tokens':>8}")

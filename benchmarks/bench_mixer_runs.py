@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import statistics
 import tempfile
@@ -38,7 +37,12 @@ from trl_prefix_share.commands.bench.command import (  # noqa: E402
     write_small_run_json,
 )
 from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, load_rows  # noqa: E402
-from trl_prefix_share.commands.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
+from trl_prefix_share.commands.bench.measure import (  # noqa: E402
+    PeakMemory,
+    TrainMeasurement,
+    alternating_rounds,
+    measured_train,
+)
 from trl_prefix_share.commands.bench.models import PRESETS, build_model_dir  # noqa: E402
 from trl_prefix_share.commands.bench.runner import BenchSettings, common_config  # noqa: E402
 from trl_prefix_share.core.mixers import ragged  # noqa: E402
@@ -104,17 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up); "
         f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
-    runs: dict[str, list[TrainMeasurement]] = {name: [] for name in VARIANTS}
-    for round_index in range(args.rounds):
-        for name in VARIANTS:
-            result = run_once(name, args, model_dir, tokenizer, dataset)
-            runs[name].append(result)
-            gc.collect()
-            print(
-                f"  round {round_index + 1} {name:>8}: {sum(result.step_seconds) / len(result.step_seconds):.2f} "
-                f"s/step, {result.tokens_per_step:.0f} tokens/step",
-                flush=True,
-            )
+    runs = alternating_rounds(
+        list(VARIANTS), args.rounds, lambda name: run_once(name, args, model_dir, tokenizer, dataset)
+    )
     summary: dict[str, dict[str, Any]] = {}
     for name, results in runs.items():
         seconds = sum(s for r in results for s in r.step_seconds)

@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import tempfile
@@ -42,7 +41,12 @@ from trl_prefix_share.commands.bench.command import (  # noqa: E402
     write_small_run_json,
 )
 from trl_prefix_share.commands.bench.data import DEFAULT_TOKENIZER, SHARED, load_rows  # noqa: E402
-from trl_prefix_share.commands.bench.measure import PeakMemory, TrainMeasurement, measured_train  # noqa: E402
+from trl_prefix_share.commands.bench.measure import (  # noqa: E402
+    PeakMemory,
+    TrainMeasurement,
+    alternating_rounds,
+    measured_train,
+)
 from trl_prefix_share.commands.bench.models import ModelShape, build_model_dir  # noqa: E402
 from trl_prefix_share.commands.bench.runner import BenchSettings, common_config  # noqa: E402
 from trl_prefix_share.trainers.reward.ranked import binarize_ranked, ranked_from_pairs  # noqa: E402
@@ -126,17 +130,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up); "
         f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
     )
-    runs: dict[str, list[TrainMeasurement]] = {"stock": [], "ours": []}
-    for round_index in range(args.rounds):
-        for name, data, batch in (("stock", stock_data, stock_batch), ("ours", our_data, args.batch_size)):
-            result = run_once(name, args, model_dir, tokenizer, data, batch)
-            runs[name].append(result)
-            gc.collect()
-            print(
-                f"  round {round_index + 1} {name:>5}: median {statistics.median(result.step_seconds):.3f} s/step, "
-                f"{result.tokens_per_step:.0f} tokens/step, peak {_mib(result.peak_memory_mib)}",
-                flush=True,
-            )
+    inputs = {"stock": (stock_data, stock_batch), "ours": (our_data, args.batch_size)}
+    runs = alternating_rounds(
+        list(inputs), args.rounds, lambda name: run_once(name, args, model_dir, tokenizer, *inputs[name])
+    )
     summary = summarize(runs, args.steps)
     print(
         f"\ntokens/step: stock {summary['stock_tokens_per_step']:.0f}, ours {summary['ours_tokens_per_step']:.0f} "

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,24 @@ def measured_train(trainer: Any, memory: PeakMemory, warmup: int, steps: int) ->
         peak_memory_mib=memory.peak_mib(),
         training_memory_mib=memory.growth_mib(),
     )
+
+
+def alternating_rounds(
+    names: Sequence[str], rounds: int, run: Callable[[str], TrainMeasurement]
+) -> dict[str, list[TrainMeasurement]]:
+    """``run(name)`` for every name once per round, round after round, so that machine drift falls on every variant
+    alike; one line per run (median step, tokens, peak). The loop every special-case script in `benchmarks/` runs."""
+    runs: dict[str, list[TrainMeasurement]] = {name: [] for name in names}
+    width = max(map(len, names))
+    for round_index in range(rounds):
+        for name in names:
+            result = run(name)
+            runs[name].append(result)
+            gc.collect()
+            peak = "-" if result.peak_memory_mib is None else f"{result.peak_memory_mib:.0f} MiB"
+            print(
+                f"  round {round_index + 1} {name:>{width}}: median {statistics.median(result.step_seconds):.3f} "
+                f"s/step, {result.tokens_per_step:.0f} tokens/step, peak {peak}",
+                flush=True,
+            )
+    return runs
