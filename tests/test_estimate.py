@@ -12,13 +12,18 @@ import tempfile
 import numpy as np
 import pytest
 from conftest import DATA, DATASETS, TOKENIZER_DIR, conversational, load_dataset_rows, read_jsonl
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from test_layout import build, layouts
 from transformers import AutoTokenizer
 from trl.data_utils import extract_prompt
 
 from trl_prefix_share import PrefixSharedDPOConfig, PrefixSharedDPOTrainer
 from trl_prefix_share.commands.cli import main
 from trl_prefix_share.commands.estimate import estimate_savings, split_point, tokenize_pairs
-from trl_prefix_share.commands.estimate.tokenization import _extract_prompt
+from trl_prefix_share.commands.estimate.counting import tree_tokens
+from trl_prefix_share.commands.estimate.tokenization import _extract_prompt, prompt_bytes
+from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
 
 BATCH = 4
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_seq", "rejected_seq", "prompt_seq", "document", "identical")
@@ -41,11 +46,13 @@ def trained_totals(model_path: str, tokenizer, dataset, **overrides) -> dict[str
     return dict(trainer.prefix_share_totals)
 
 
-def test_plain_shuffled_counts_equal_the_trainers(model_dir, tokenizer):
-    """Implicit-prompt plain text, the Trainer's seeded shuffle, truncation, one pair with identical responses."""
+@pytest.mark.parametrize("min_shared", [MIN_SHARED_TOKENS, 2], ids=["default-tree-minimum", "trees-on-hh-heads"])
+def test_plain_shuffled_counts_equal_the_trainers(model_dir, tokenizer, min_shared):
+    """Implicit-prompt plain text, the Trainer's seeded shuffle, truncation, one pair with identical responses; trees
+    left out on hh's few common template tokens (the default minimum) and built on them (a minimum of 2)."""
     rows = load_dataset_rows("hh_harmless", 15)
     rows = rows.map(lambda row, i: {**row, "rejected": row["chosen"]} if i == 5 else row, with_indices=True)
-    settings = dict(max_length=192, seed=3)
+    settings = dict(max_length=192, seed=3, prefix_tree_min_shared_tokens=min_shared)
     totals = trained_totals(model_dir("llama"), tokenizer, rows, **settings)
 
     estimate = estimate_savings(rows, tokenizer, batch_size=BATCH, **settings)
@@ -79,6 +86,20 @@ def test_keep_end_counts_equal_the_trainers(model_dir, tokenizer):
     estimate = estimate_savings(rows, tokenizer, batch_size=BATCH, **settings)
     assert (estimate.stock_tokens, estimate.tokens) == (totals["stock_tokens"], totals["tokens"])
     assert estimate.truncated > 0 and estimate.dropped == 0
+
+
+@hypothesis_settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_tree_counts_equal_the_layouts_rows(case):
+    """`tree_tokens` (sorted prompts, no tree built) against the tokens `pack_documents` lays out in one row, on
+    random documents with common heads, cut and edited prompts and every node rule (the minimum drawn)."""
+    documents, _, virtual_length, _, _, min_shared = case
+    packed = build(documents, True, virtual_length, None, None, min_shared=min_shared)
+    laid_out = [
+        list({(tuple(tokens), start): (len(tokens), prompt_bytes(tokens[:start])) for tokens, start, _ in doc}.values())
+        for doc in documents
+    ]
+    assert tree_tokens(laid_out, min_shared) == int((packed["document_ids"] >= 0).sum())
 
 
 @pytest.mark.parametrize("budget", [None, 384], ids=["one-row", "row-budget"])
@@ -184,17 +205,24 @@ def test_estimate_command_on_a_random_sample(tmp_path, capsys):
 # -- GRPO / RLOO -------------------------------------------------------------------------------------------------------
 
 
-def test_online_estimate_counts_what_grpo_logs(model_dir, tokenizer):
+@pytest.mark.parametrize("min_shared", [MIN_SHARED_TOKENS, 2], ids=["default-tree-minimum", "trees-on-template-heads"])
+def test_online_estimate_counts_what_grpo_logs(model_dir, tokenizer, min_shared):
     """One epoch of PrefixSharedGRPOTrainer (completions run to max_completion_length: a tiny random model never
-    stops early) logs exactly the stock and packed tokens the estimate counts for its policy passes."""
+    stops early) logs exactly the stock and packed tokens the estimate counts for its policy passes: the chat
+    template's three common head tokens merged into one tree at a minimum of 2, left out at the default."""
     from online_setup import online_args, real_prompts, vowel_reward
-    from trl import GRPOConfig
 
-    from trl_prefix_share import PrefixSharedGRPOTrainer
+    from trl_prefix_share import PrefixSharedGRPOConfig, PrefixSharedGRPOTrainer
     from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_token_ids
 
     dataset = real_prompts(6, offset=80, conversational=True)
-    args = online_args(GRPOConfig, per_device_train_batch_size=8, num_train_epochs=1, save_strategy="no")
+    args = online_args(
+        PrefixSharedGRPOConfig,
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        save_strategy="no",
+        prefix_tree_min_shared_tokens=min_shared,
+    )
     trainer = PrefixSharedGRPOTrainer(
         model=model_dir("llama"),
         reward_funcs=vowel_reward,
@@ -207,9 +235,13 @@ def test_online_estimate_counts_what_grpo_logs(model_dir, tokenizer):
     prompt_ids = prompt_token_ids(dataset, tokenizer)
     prompts = np.array([len(ids) for ids in prompt_ids])
     completions = np.full(len(prompts), args.max_completion_length)
-    estimate = count_online_tokens(prompts, completions, args.num_generations, 8, seed=args.seed, prompt_ids=prompt_ids)
+    counts = dict(seed=args.seed, prompt_ids=prompt_ids, min_shared_tokens=min_shared)
+    estimate = count_online_tokens(prompts, completions, args.num_generations, 8, **counts)
     one_level = count_online_tokens(prompts, completions, args.num_generations, 8, seed=args.seed)
-    assert estimate.tokens < one_level.tokens  # the chat template's head is common to every prompt: one tree
+    if min_shared == 2:
+        assert estimate.tokens < one_level.tokens
+    else:
+        assert estimate.tokens == one_level.tokens
     assert estimate.micro_batches == 3
     assert (estimate.stock_tokens, estimate.tokens) == (logged["stock_tokens"], logged["tokens"])
 

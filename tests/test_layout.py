@@ -26,6 +26,7 @@ from trl_prefix_share.core.layout import (
     pack_documents,
     shareable_length,
 )
+from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
 from trl_prefix_share.core.packing import PACKED_KEY, PackingOptions
 from trl_prefix_share.core.preference.collator import PrefixSharedPreferenceCollator
 
@@ -56,19 +57,53 @@ def expected_doc_tokens(sequences: list[tuple[list[int], int]], share: bool = Tr
     return head + sum(len(tokens) - head for tokens, _ in sequences)
 
 
-def expected_row_tokens(sequences: list[tuple[list[int], int, int]], share: bool = True) -> int:
+def expected_row_tokens(
+    sequences: list[tuple[list[int], int, int]], share: bool = True, min_shared: int = MIN_SHARED_TOKENS
+) -> int:
     """Tokens of a row whose sequences ``(tokens, completion_start, document)`` are merged into prefix trees, counted
-    without building one: position j of a sequence is laid out once for all sequences that agree on their first
-    j + 2 tokens within their prompts (the last common token heads every child), else once for the sequence and the
-    identical copies of its document."""
+    without building one. Position j of a sequence can be shared by the sequences that agree on their first j + 2
+    tokens within their prompts (the last common token heads every child). Along a sequence, each run of positions
+    with one such set is a node, laid out once when the set has one prompt, when ``min_shared`` positions have
+    gathered since the last laid-out node (positions left out gather into the next), or when the next position
+    parts two sequences of one document. Every other position is the sequence's own (shared only with identical
+    copies in its document)."""
+    if not share:
+        return sum(len(tokens) for tokens, _, _ in sequences)
+    unique = {(doc, tuple(tokens), start) for tokens, start, doc in sequences}
+    limit = {seq: min(seq[2], len(seq[1])) for seq in unique}
+
+    def sharing(seq, j: int) -> frozenset:
+        if j + 2 > limit[seq]:
+            return frozenset()
+        return frozenset(other for other in unique if j + 2 <= limit[other] and other[1][: j + 2] == seq[1][: j + 2])
+
+    def parts_a_document(members: frozenset, j: int) -> bool:
+        after = {}
+        for member in members:
+            next_set = sharing(member, j + 1)
+            after.setdefault(member[0], set()).add(next_set if len(next_set) > 1 else member)
+        return any(len(sets) > 1 for sets in after.values())
+
     slots = set()
-    for tokens, start, doc in sequences:
-        limit = min(start, len(tokens))
-        for j in range(len(tokens)):
-            if share and j + 2 <= limit:
-                slots.add(("shared", tuple(tokens[: j + 2])))
+    for seq in unique:
+        runs: list[tuple[frozenset, list[int]]] = []
+        for j in range(len(seq[1])):
+            members = sharing(seq, j)
+            if len(members) < 2:
+                break
+            if runs and runs[-1][0] == members:
+                runs[-1][1].append(j)
             else:
-                slots.add(("own", doc, tuple(tokens), start, j) if share else ("own", id(tokens), j))
+                runs.append((members, [j]))
+        gathered: list[int] = []
+        for members, positions in runs:
+            gathered += positions
+            one_prompt = len({other[1][: limit[other]] for other in members}) == 1
+            if one_prompt or len(gathered) >= min_shared or parts_a_document(members, positions[-1]):
+                slots.update(("node", members, i) for i in gathered)
+                gathered = []
+        own = [*gathered, *range(sum(len(positions) for _, positions in runs), len(seq[1]))]
+        slots.update(("own", seq, i) for i in own)
     return len(slots)
 
 
@@ -88,6 +123,7 @@ def check_layout(
     pad_to_multiple_of: int | None = None,
     pad_token_id: int = PAD_ID,
     sliding_window: int = 3,
+    min_shared: int = MIN_SHARED_TOKENS,
 ) -> None:
     """Check a packed layout against its documents: ``documents[d]`` lists ``(tokens, completion_start, virtual_row)``.
 
@@ -130,7 +166,7 @@ def check_layout(
     # Tokens per row: every prompt prefix common to several sequences of the row laid out once, nothing added.
     for r, row_docs in enumerate(members):
         row_sequences = [(tokens, start, d) for d in row_docs for tokens, start, _ in documents[d]]
-        assert used[r] == expected_row_tokens(row_sequences, share), r
+        assert used[r] == expected_row_tokens(row_sequences, share, min_shared), r
     for r in range(rows):
         # Trees are contiguous in batch order and padding sits at the end of the row.
         real = [d for d in docs[r] if d >= 0]
@@ -278,10 +314,11 @@ def layouts(draw):
     largest = max(expected_doc_tokens(doc, share) for doc in docs)
     max_row_tokens = draw(st.one_of(st.none(), st.integers(largest, largest + 3 * longest)))
     pad_to_multiple_of = draw(st.sampled_from([None, 1, 4, 8, 16]))
-    return documents, share, virtual_length, max_row_tokens, pad_to_multiple_of
+    min_shared = draw(st.sampled_from([1, 1, 2, 3, 5, MIN_SHARED_TOKENS]))  # nodes of different prompts, kept or not
+    return documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, min_shared
 
 
-def build(documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, sdpa_buckets=True):
+def build(documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, sdpa_buckets=True, min_shared=None):
     specs = [
         make_document(
             [SequenceSpec(torch.tensor(tokens, dtype=torch.long), start, row) for tokens, start, row in doc],
@@ -298,26 +335,36 @@ def build(documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, 
         pad_to_multiple_of=pad_to_multiple_of,
         sdpa_buckets=sdpa_buckets,
         prefix_tree=share,
+        min_shared_tokens=MIN_SHARED_TOKENS if min_shared is None else min_shared,
     )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts(), st.integers(1, 8))
 def test_packed_layout_reproduces_every_sequence(case, sliding_window):
-    documents, share, virtual_length, max_row_tokens, pad_to_multiple_of = case
-    packed = build(documents, share, virtual_length, max_row_tokens, pad_to_multiple_of)
+    documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, min_shared = case
+    packed = build(documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, min_shared=min_shared)
     check_layout(
-        packed, documents, virtual_length, share, max_row_tokens, pad_to_multiple_of, sliding_window=sliding_window
+        packed,
+        documents,
+        virtual_length,
+        share,
+        max_row_tokens,
+        pad_to_multiple_of,
+        sliding_window=sliding_window,
+        min_shared=min_shared,
     )
 
 
 @settings(max_examples=30, deadline=None)
 @given(layouts())
 def test_layout_without_buckets_has_no_buckets_and_same_rows(case):
-    documents, share, virtual_length, max_row_tokens, pad_to_multiple_of = case
-    packed = build(documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, sdpa_buckets=False)
+    documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, min_shared = case
+    packed = build(
+        documents, share, virtual_length, max_row_tokens, pad_to_multiple_of, sdpa_buckets=False, min_shared=min_shared
+    )
     assert "attention_buckets" not in packed
-    check_layout(packed, documents, virtual_length, share, max_row_tokens, pad_to_multiple_of)
+    check_layout(packed, documents, virtual_length, share, max_row_tokens, pad_to_multiple_of, min_shared=min_shared)
 
 
 # -- hand-written cases ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_a_common_system_prompt_is_laid_out_once_as_a_tree():
         _document([7, 6], [[11], [12, 13]], 2),
         _document([20], [[21], [22]], 4),
     ]
-    packed = pack_documents(documents, 6, 12, 0, prefix_tree=True)
+    packed = pack_documents(documents, 6, 12, 0, prefix_tree=True, min_shared_tokens=1)
     assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 9, 8, 10, 7, 6, 11, 6, 12, 13, 5, 20, 21, 20, 22]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 5, 6, 7, 6, 7, 8, 4, 5, 6, 5, 6]]
     assert packed["document_ids"].unique().tolist() == [0]  # one tree
@@ -47,14 +47,44 @@ def test_a_common_system_prompt_is_laid_out_once_as_a_tree():
     assert (one_level["document_ids"] >= 0).sum() == 31 > 22
 
 
+def test_different_prompts_share_a_node_only_from_the_minimum_on():
+    """The five-token system prompt above: kept at a minimum of 5 (the root holds 4 tokens plus the next node's 1 when
+    the root alone is too short), left out at 6, where each prompt is its own one-level document again (each pair
+    still sharing its prompt); a prompt repeated by two documents is shared whatever its length."""
+    documents = [_document([7, 8], [[9, 9], [10]], 0), _document([7, 6], [[11], [12, 13]], 2)]
+    one_level = pack_documents(documents, 4, 12, 0)
+    at_five = pack_documents(documents, 4, 12, 0, prefix_tree=True, min_shared_tokens=5)
+    # root [1..5, 7] minus its last token: 5 tokens, one node for both prompts, then each prompt's own head
+    assert at_five["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 9, 8, 10, 7, 6, 11, 6, 12, 13]]
+    at_six = pack_documents(documents, 4, 12, 0, prefix_tree=True, min_shared_tokens=6)
+    assert at_six["input_ids"].tolist() == one_level["input_ids"].tolist()
+    repeated = [_document([7, 8], [[9], [10]], 0), _document([7, 8], [[11], [12]], 2)]
+    shared = pack_documents(repeated, 4, 10, 0, prefix_tree=True, min_shared_tokens=100)
+    assert shared["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 8, 10, 8, 11, 8, 12]]
+
+
+def test_a_document_is_never_parted_by_a_node_left_out():
+    """One document whose two prompts differ after three tokens (truncated differently), next to another sharing
+    those three: the short node is kept, since without it the document would lay out its common tokens twice, more
+    than its own one-level layout."""
+    first = make_document(
+        [SequenceSpec(torch.tensor([1, 2, 3, 4, 9]), 4, 0), SequenceSpec(torch.tensor([1, 2, 3, 5, 9]), 4, 1)]
+    )
+    second = make_document([SequenceSpec(torch.tensor([1, 2, 3, 6, 7, 8]), 5, 2)])
+    packed = pack_documents([first, second], 3, 6, 0, prefix_tree=True, min_shared_tokens=32)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 9, 3, 5, 9, 3, 6, 7, 8]]
+    alone = pack_documents([first], 2, 6, 0)
+    assert (alone["document_ids"] >= 0).sum() == 8  # its one-level layout: [1, 2, 3] once, each branch after it
+
+
 def test_left_padded_prompts_merge_only_where_positions_may_shift():
     """Online RL numbers positions by column, so a left-padded prompt starts at its padding: one node for two prompts
     of different padding needs one numbering, a shift of each sequence's positions that only rotary models allow."""
     documents = [_document([7, 8], [[9], [10]], 0, offset=0), _document([7], [[11], [12]], 2, offset=1)]
-    kept = pack_documents(documents, 4, 10, 0, prefix_tree=True)
+    kept = pack_documents(documents, 4, 10, 0, prefix_tree=True, min_shared_tokens=1)
     assert kept["document_ids"].unique().tolist() == [0, 1]  # two trees, each numbered as stock numbers it
     assert kept["position_ids"][kept["document_ids"] == 1].min() == 1
-    shifted = pack_documents(documents, 4, 10, 0, prefix_tree=True, shift_positions=True)
+    shifted = pack_documents(documents, 4, 10, 0, prefix_tree=True, shift_positions=True, min_shared_tokens=1)
     assert shifted["document_ids"].unique().tolist() == [0]
     assert (shifted["document_ids"] >= 0).sum() < (kept["document_ids"] >= 0).sum()
     # Each sequence keeps consecutive positions: the second prompt's are all moved by one constant (-1).

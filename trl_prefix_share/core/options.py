@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from trl_prefix_share.core.attention import resolve_kernel
+from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
 from trl_prefix_share.core.packing import PackingOptions
 
 
@@ -62,6 +63,10 @@ class PrefixShareArguments:
             earlier turns) share those tokens too, not only identical prompts. Changes no batching. Off by itself
             for models that cannot take it (vision-language models; mixers on the padded run), see
             `docs/prefix_trees.md`.
+        prefix_tree_min_shared_tokens (`int`, defaults to `32`):
+            The fewest tokens different prompts must have in common to share them in the tree (prompts that are the
+            same always share). Each shared node is one more depth for a hybrid's state-carrying mixers and more
+            attention groups, which a few common template tokens do not pay for.
         drop_invalid_examples (`bool`, defaults to `False`):
             Drop examples prefix sharing cannot train on (an empty response, a document longer than
             `max_row_tokens`) with a warning, instead of raising an error that names them.
@@ -103,6 +108,10 @@ class PrefixShareArguments:
     prefix_tree: bool = field(
         default=True, metadata={"help": "Share what different prompts have in common (a prefix tree per batch)."}
     )
+    prefix_tree_min_shared_tokens: int = field(
+        default=MIN_SHARED_TOKENS,
+        metadata={"help": "Fewest tokens different prompts must have in common to share them in the prefix tree."},
+    )
 
 
 PREFIX_SHARE_FIELDS = tuple(f.name for f in fields(PrefixShareArguments))
@@ -112,6 +121,11 @@ UNSUPPORTED_MODEL_CHOICES = ("fallback", "error")
 def prefix_share_arguments(args: Any) -> PrefixShareArguments:
     """The prefix-sharing options of any config: its own values where it has them, defaults elsewhere."""
     options = PrefixShareArguments(**{name: getattr(args, name) for name in PREFIX_SHARE_FIELDS if hasattr(args, name)})
+    if options.prefix_tree_min_shared_tokens < 1:
+        raise ValueError(
+            f"prefix_tree_min_shared_tokens={options.prefix_tree_min_shared_tokens}: give 1 or more (1 shares every "
+            "common token; prefix_tree=False turns trees off)."
+        )
     if options.on_unsupported_model not in UNSUPPORTED_MODEL_CHOICES:
         raise ValueError(
             f"on_unsupported_model={options.on_unsupported_model!r}; choose one of {UNSUPPORTED_MODEL_CHOICES}."
@@ -132,4 +146,5 @@ def packing_options(options: PrefixShareArguments, device: torch.device) -> Pack
         pad_to_multiple_of=multiple,
         pack_documents=options.pack_documents,
         kernel=kernel,
+        prefix_tree_min_shared_tokens=options.prefix_tree_min_shared_tokens,
     )

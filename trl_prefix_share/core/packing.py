@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
+
 #: Batch key under which the collators hand the packed layout to the model's forward.
 PACKED_KEY = "prefix_share"
 
@@ -30,6 +32,7 @@ class PackingOptions:
             only identical prompts); resolved per model by the trainer (``core/tree_support.py``).
         shift_positions: trees may merge sequences that start at different position ids (left-padded online-RL
             prompts): set only for models that see positions through their differences alone.
+        prefix_tree_min_shared_tokens: the fewest tokens a tree node shared by different prompts holds.
     """
 
     share_prefix: bool = True
@@ -40,6 +43,7 @@ class PackingOptions:
     kernel: str = "sdpa"
     prefix_tree: bool = True
     shift_positions: bool = False
+    prefix_tree_min_shared_tokens: int = MIN_SHARED_TOKENS
 
     def __post_init__(self) -> None:
         if self.sdpa_buckets is None:
@@ -54,4 +58,5 @@ class PackingOptions:
             "pack": self.pack_documents,
             "prefix_tree": self.share_prefix and self.prefix_tree,
             "shift_positions": self.shift_positions,
+            "min_shared_tokens": self.prefix_tree_min_shared_tokens,
         }

@@ -13,6 +13,7 @@ from trl_prefix_share.commands.estimate.loading import load_preference_dataset, 
 from trl_prefix_share.commands.estimate.report import format_report
 from trl_prefix_share.commands.estimate.tokenization import tokenize_pairs
 from trl_prefix_share.commands.estimate.vision import count_vision_tokens, format_vision_report, has_images
+from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
 
 
 def _optional_int(value: str) -> int | None:
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by-prompt",
         action="store_true",
         help="dpo: ours with group_by_prompt=True (pairs of one prompt batched together, the prompt laid out once)",
+    )
+    parser.add_argument(
+        "--prefix-tree-min-shared-tokens",
+        type=int,
+        default=MIN_SHARED_TOKENS,
+        help="the config field: fewest tokens different prompts share in a prefix tree (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=42, help="the Trainer's seed (or data_seed) for the shuffle")
     parser.add_argument("--no-shuffle", action="store_true", help="batches in dataset order")
@@ -128,6 +135,7 @@ def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
             seed=args.seed,
             completion_source=source,
             prompt_ids=prompt_ids,
+            min_shared_tokens=args.prefix_tree_min_shared_tokens,
         )
         for batch_size in args.batch_size
     ]
@@ -205,6 +213,7 @@ def run_estimate(argv: list[str]) -> None:
             max_row_tokens=args.max_row_tokens,
             pad_rows_to_multiple_of=args.pad_rows_to_multiple_of,
             group_by_prompt=args.group_by_prompt,
+            prefix_tree_min_shared_tokens=args.prefix_tree_min_shared_tokens,
         )
         for batch_size in args.batch_size
     ]

@@ -11,6 +11,7 @@ from trl_prefix_share.commands.estimate.loading import load_preference_dataset, 
 from trl_prefix_share.commands.estimate.results import LengthStats, PairLengths, SavingsEstimate
 from trl_prefix_share.commands.estimate.tokenization import tokenize_pairs
 from trl_prefix_share.core.layout import assign_rows
+from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
 
 
 def _round_up(value: np.ndarray, multiple: int | None) -> np.ndarray:
@@ -28,23 +29,67 @@ def sampler_order(num_examples: int, shuffle: bool, seed: int) -> np.ndarray:
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
-def tree_tokens(sequences: list[tuple[int, bytes]]) -> int:
-    """Tokens of one row's prefix trees (``layout.tree``) for its laid-out sequences ``(length, prompt bytes)``.
-
-    Position j of a sequence is laid out once for every sequence sharing its first j + 2 prompt tokens: the shared
-    slots are the distinct prompt prefixes of 2 or more tokens, counted over the sorted prompts as each prompt's
-    prefixes less those it has in common with its sorted neighbour; every other position is the sequence's own."""
-    prompts = sorted(tokens for _, tokens in sequences)
-    shared = sum(max(len(tokens) // 4 - 1, 0) for tokens in prompts)
-    for before, after in zip(prompts, prompts[1:], strict=False):
-        common = len(os.path.commonprefix([before, after])) // 4
-        shared -= max(common - 1, 0)
-    own = sum(length - max(len(tokens) // 4 - 1, 0) for length, tokens in sequences)
-    return shared + own
-
-
 #: One laid-out sequence as the counts see it: (tokens, prompt tokens as `prompt_bytes`).
 Laid = tuple[int, bytes]
+
+
+def tree_tokens(documents: list[list[Laid]], min_shared_tokens: int = MIN_SHARED_TOKENS) -> int:
+    """Tokens of one row's prefix trees (``layout.tree``) for its documents' laid-out sequences.
+
+    The trie of the row's distinct prompts, walked over their sorted list (prompts that agree on their first tokens
+    are a contiguous run of it; its common length is that of its first and last prompt). A node of several prompts
+    is laid out once when it holds ``min_shared_tokens`` tokens or would otherwise part a document's sequences, else
+    its tokens go to each child; a prompt's own sequences share it (all but its last token) when there are several;
+    every other token is a sequence's own. Python runs per node, never per token."""
+    by_prompt: dict[bytes, list[tuple[int, int]]] = {}
+    for document, sequences in enumerate(documents):
+        for length, prompt in sequences:
+            by_prompt.setdefault(prompt, []).append((length, document))
+    prompts = sorted(by_prompt)
+    total = 0
+    # (first, stop) of a run of `prompts`, the first index it lays out, and whether a node above it was laid out.
+    pending: list[tuple[int, int, int, bool]] = [(0, len(prompts), 0, False)]
+    while pending:
+        first, stop, start, rooted = pending.pop()
+        if stop - first == 1:
+            lengths = [length for length, _ in by_prompt[prompts[first]]]
+            total += _one_prompt_tokens(len(prompts[first]) // 4, lengths, start, rooted)
+            continue
+        agreed = len(os.path.commonprefix([prompts[first], prompts[stop - 1]])) // 4
+        runs, leaves = _children(prompts, first, stop, agreed)
+        documents_of = [{doc for index in range(a, b) for _, doc in by_prompt[prompts[index]]} for a, b in runs]
+        documents_of += [{doc} for index in leaves for _, doc in by_prompt[prompts[index]]]
+        parts_a_document = sum(map(len, documents_of)) > len(set().union(*documents_of))
+        if (rooted or agreed >= 2) and (agreed - 1 - start >= min_shared_tokens or parts_a_document):
+            total += agreed - 1 - start
+            start, rooted = agreed - 1, True
+        total += sum(length - start for index in leaves for length, _ in by_prompt[prompts[index]])
+        pending.extend((a, b, start, rooted) for a, b in runs)
+    return total
+
+
+def _one_prompt_tokens(prompt: int, lengths: list[int], start: int, rooted: bool) -> int:
+    """Tokens from ``start`` on of the sequences of one prompt (``prompt`` tokens): its head once for several."""
+    if len(lengths) == 1 or (not rooted and prompt < 2):
+        return sum(length - start for length in lengths)
+    return prompt - 1 - start + sum(length - (prompt - 1) for length in lengths)
+
+
+def _children(prompts: list[bytes], first: int, stop: int, agreed: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The children of the node of ``prompts[first:stop]`` (agreeing on ``agreed`` tokens): runs of prompts with the
+    same next token, and the prompts that end there (each of their sequences a leaf)."""
+    runs, leaves, index = [], [], first
+    while index < stop:
+        if len(prompts[index]) // 4 == agreed:
+            leaves.append(index)
+            index += 1
+            continue
+        head, end = prompts[index][: 4 * (agreed + 1)], index + 1
+        while end < stop and prompts[end].startswith(head):
+            end += 1
+        runs.append((index, end))
+        index = end
+    return runs, leaves
 
 
 def _packed_tokens(
@@ -53,12 +98,13 @@ def _packed_tokens(
     max_row_tokens: int | None,
     pad_rows_to_multiple_of: int | None,
     prefix_tree: bool,
+    min_shared_tokens: int = MIN_SHARED_TOKENS,
 ) -> int:
     """Tokens of one batch's packed rows (`pack_documents`): rows x the longest row, rounded up. Rows are filled by
     one-level document sizes; with ``prefix_tree`` a row holds the prefix trees of its documents' sequences."""
     rows = assign_rows(document_sizes, max_row_tokens)
     if prefix_tree:
-        longest = max(tree_tokens([seq for index in row for seq in documents[index]]) for row in rows)
+        longest = max(tree_tokens([documents[index] for index in row], min_shared_tokens) for row in rows)
     else:
         longest = max(sum(document_sizes[index] for index in row) for row in rows)
     return len(rows) * int(_round_up(np.int64(longest), pad_rows_to_multiple_of))
@@ -141,9 +187,11 @@ def count_tokens(
     pad_rows_to_multiple_of: int | None = None,
     prefix_tree: bool = True,
     group_by_prompt: bool = False,
+    prefix_tree_min_shared_tokens: int = MIN_SHARED_TOKENS,
 ) -> SavingsEstimate:
     """Sum stock and prefix-shared tokens over the batches of one epoch (the last batch may be short, as in TRL);
-    ``prefix_tree``: our rows hold prefix trees (the trainers' default), else one-level documents;
+    ``prefix_tree``: our rows hold prefix trees (the trainers' default; ``prefix_tree_min_shared_tokens`` as the
+    config field), else one-level documents;
     ``group_by_prompt``: ours is `PrefixSharedDPOConfig(group_by_prompt=True)` (its sampler and documents), stock
     keeps its own shuffled order."""
     if group_by_prompt and (pairs.prompt_keys is None or pairs.sequence_digests is None):
@@ -162,7 +210,11 @@ def count_tokens(
         one_level = _packed_tokens(sizes, documents, max_row_tokens, pad_rows_to_multiple_of, prefix_tree=False)
         one_level_batches.append(one_level)
         if trees:
-            ours_batches.append(_packed_tokens(sizes, documents, max_row_tokens, pad_rows_to_multiple_of, True))
+            ours_batches.append(
+                _packed_tokens(
+                    sizes, documents, max_row_tokens, pad_rows_to_multiple_of, True, prefix_tree_min_shared_tokens
+                )
+            )
         else:
             ours_batches.append(one_level)
     ours = np.asarray(ours_batches, dtype=np.int64)
@@ -219,6 +271,7 @@ def estimate_savings(
     progress: bool = False,
     exact_tokenization: bool = False,
     group_by_prompt: bool = False,
+    prefix_tree_min_shared_tokens: int = MIN_SHARED_TOKENS,
 ) -> SavingsEstimate:
     """Tokens stock TRL's DPOTrainer would run on `dataset` in one epoch vs `PrefixSharedDPOTrainer`.
 
@@ -240,4 +293,5 @@ def estimate_savings(
         max_row_tokens,
         pad_rows_to_multiple_of,
         group_by_prompt=group_by_prompt,
+        prefix_tree_min_shared_tokens=prefix_tree_min_shared_tokens,
     )

@@ -24,6 +24,7 @@ from trl_prefix_share.commands.estimate.counting import sampler_order, tree_toke
 from trl_prefix_share.commands.estimate.results import LengthStats
 from trl_prefix_share.commands.estimate.tokenization import prompt_bytes
 from trl_prefix_share.commands.prompt_sets import prompt_token_ids as chat_prompt_ids
+from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
 
 
 @dataclass
@@ -88,12 +89,14 @@ def count_online_tokens(
     seed: int = 42,
     completion_source: str = "max_completion_length",
     prompt_ids: list[list[int]] | None = None,
+    min_shared_tokens: int = MIN_SHARED_TOKENS,
 ) -> OnlineEstimate:
     """Sum one pass's tokens over the micro-batches of one epoch (the last generation batch may be short).
 
     With ``prompt_ids`` (each prompt's tokens) a micro-batch's prompts are merged into prefix trees, as the trainers
     do for models that see positions through their differences (rotary models: nearly every current LM; see
-    ``core/tree_support.py``): a common system prompt or template head is laid out once for all of them."""
+    ``core/tree_support.py``): a system prompt common to them is laid out once when it holds ``min_shared_tokens``
+    (``prefix_tree_min_shared_tokens``)."""
     encoded = None if prompt_ids is None else [prompt_bytes(ids) for ids in prompt_ids]
     if batch_size % num_generations and steps_per_generation == 1:
         raise ValueError(f"batch size {batch_size} is not a multiple of num_generations={num_generations}")
@@ -114,7 +117,10 @@ def count_online_tokens(
                 groups = np.unique(micro)
                 ours += int(prompts[groups].sum()) + int((c + 1).sum()) - len(groups)
             else:
-                ours += tree_tokens([(int(prompts[g] + c_g), encoded[g]) for g, c_g in zip(micro, c, strict=True)])
+                documents: dict[int, list[tuple[int, bytes]]] = {}  # one per distinct prompt, as the collator's
+                for g, c_g in zip(micro, c, strict=True):
+                    documents.setdefault(int(g), []).append((int(prompts[g] + c_g), encoded[g]))
+                ours += tree_tokens(list(documents.values()), min_shared_tokens)
             micro_batches += 1
     return OnlineEstimate(
         prompts=len(prompts),

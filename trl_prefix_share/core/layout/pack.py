@@ -27,7 +27,7 @@ import torch
 from trl_prefix_share.core.layout.documents import IGNORE_INDEX, PAD_DOCUMENT, DocumentSpec, SequenceSpec
 from trl_prefix_share.core.layout.rows import assign_rows, round_up, spans
 from trl_prefix_share.core.layout.sdpa_groups import AttentionGroup, attention_bucket
-from trl_prefix_share.core.layout.tree import PrefixTree, document_tree, row_trees
+from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS, PrefixTree, document_tree, row_trees
 
 Layout = dict[str, torch.Tensor | list[dict[str, torch.Tensor]]]
 
@@ -109,6 +109,7 @@ def _plan_rows(
     pack: bool,
     prefix_tree: bool,
     shift_positions: bool,
+    min_shared_tokens: int,
 ) -> tuple[_RowPlan, list[list[PrefixTree]]]:
     """Documents into rows (greedy, by their one-level size, an upper bound of what a tree of them takes), then each
     row's documents into trees: merged across documents with ``prefix_tree``, else one tree per document."""
@@ -118,7 +119,7 @@ def _plan_rows(
         row_docs = [documents[i] for i in row]
         firsts = [sources.first_sequence[i] for i in row]
         if prefix_tree:
-            trees.append(row_trees(row_docs, firsts, sources.sequences, shift_positions))
+            trees.append(row_trees(row_docs, firsts, sources.sequences, shift_positions, min_shared_tokens))
         else:
             trees.append(
                 [tree for doc, first in zip(row_docs, firsts, strict=True) for tree in document_tree(doc, first)]
@@ -306,6 +307,7 @@ def pack_documents(
     source_index: bool = False,
     prefix_tree: bool = False,
     shift_positions: bool = False,
+    min_shared_tokens: int = MIN_SHARED_TOKENS,
 ) -> Layout:
     """Lay documents out in packed rows.
 
@@ -323,6 +325,8 @@ def pack_documents(
             first tokens share them, however many documents they come from. ``False``: one-level documents.
         shift_positions: let documents whose sequences start at different position ids merge (each tree numbered
             from its first sequence's offset): exact only for models that see positions through their differences.
+        min_shared_tokens: with ``prefix_tree``, the fewest tokens a node shared by different prompts holds
+            (``tree.py``); sequences of one prompt share it whatever its length.
 
     Returns a dict of tensors: ``input_ids``, ``position_ids``, ``shift_labels``, ``document_ids``, ``branch_ids``
     (all ``[rows, T]``), ``label_index`` (flat packed index of every labelled position, row-major) and
@@ -339,7 +343,14 @@ def pack_documents(
     """
     sources = _gather_sources(documents)
     rows, trees = _plan_rows(
-        documents, sources, max_row_tokens, pad_to_multiple_of, pack, prefix_tree and pack, shift_positions
+        documents,
+        sources,
+        max_row_tokens,
+        pad_to_multiple_of,
+        pack,
+        prefix_tree and pack,
+        shift_positions,
+        min_shared_tokens,
     )
     plan = _plan_segments(trees, rows, sources)
     flat = _empty_rows(rows.flat_size, pad_token_id)

@@ -11,6 +11,14 @@ exactly one next token of every sequence through it (the one-level layout's rule
 listed depth first (a node, then its subtrees in batch order), so a subtree is one contiguous run of the row: a key is
 visible from a query iff it lies before the query and the query lies inside the key's subtree (``span_end``).
 
+A node that several documents share with different prompts is laid out only when it holds at least
+``min_shared_tokens`` tokens (a system prompt, tool schemas, earlier turns) or when leaving it out would part one
+document's sequences: every node is one more depth for a state-carrying mixer's scan and more attention groups, which
+a few shared template tokens (hh's "\n\nHuman:") do not pay for. A node left out hands its tokens to each child (a
+child shared by different prompts then counts them towards its own minimum). Sequences with one prompt (a document's
+responses, pairs that repeat a prompt) always share it, and no document's tree takes more tokens than its one-level
+layout, whatever the minimum.
+
 Python runs once per node and per (node, sequence) pair, never per token; comparing tokens is one tensor operation
 per node.
 """
@@ -22,6 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from trl_prefix_share.core.layout.documents import DocumentSpec, SequenceSpec
+
+#: Tokens a node shared by different prompts must hold (``PrefixShareArguments.prefix_tree_min_shared_tokens``).
+MIN_SHARED_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -106,13 +117,21 @@ def _split(tokens: list[torch.Tensor], members: list[int], limits: list[int], at
     return list(groups.values())
 
 
-def build_trees(sequences: list[SequenceSpec], members: list[int], position_offset: int) -> list[PrefixTree]:
+def build_trees(
+    sequences: list[SequenceSpec],
+    members: list[int],
+    position_offset: int,
+    min_shared_tokens: int = MIN_SHARED_TOKENS,
+    document_of: list[int] | None = None,
+) -> list[PrefixTree]:
     """The trie of ``members`` (unique sequences, by index into ``sequences``), as trees in batch order.
 
-    A tree's root shares at least two tokens (one laid-out token saved per extra sequence, as a one-level document);
-    sequences that share less stand alone as a one-node tree."""
+    A tree's root shares at least two tokens (one laid-out token saved per extra sequence, as a one-level document)
+    and, shared by different prompts, as many as ``_NodeRule`` asks; sequences that share less stand alone as a
+    one-node tree. ``document_of``: each sequence's document (default: one document each)."""
     tokens = [seq.tokens for seq in sequences]
     limits = [share_limit(seq) for seq in sequences]
+    keeps = _NodeRule(limits, list(range(len(sequences))) if document_of is None else document_of, min_shared_tokens)
     trees: list[PrefixTree] = []
     pending: list[tuple[list[int], int]] = [(members, 0)]  # groups agreeing on their first `known` tokens
     while pending:
@@ -121,12 +140,29 @@ def build_trees(sequences: list[SequenceSpec], members: list[int], position_offs
             trees.append(_leaf_tree(sequences, group[0], position_offset))
             continue
         common = _common_length(tokens, group, limits, known)
-        if common >= 2:
-            trees.append(PrefixTree(_grow(tokens, limits, sequences, group, common), position_offset))
-            continue
         parts = _split(tokens, group, limits, common)
+        if common >= 2 and keeps(group, 0, common, parts):
+            trees.append(PrefixTree(_grow(tokens, limits, group, common, keeps), position_offset))
+            continue
         pending[:0] = [(part, common + 1) for part in parts]  # keep batch order
     return trees
+
+
+class _NodeRule:
+    """Whether a node is laid out: the node of ``members``, which agree on their first ``agreed`` tokens, from
+    ``start`` (it holds ``[start, agreed - 1)``), its members parted into ``children``."""
+
+    def __init__(self, limits: list[int], document_of: list[int], min_shared_tokens: int) -> None:
+        self.limits, self.document_of, self.min_shared_tokens = limits, document_of, min_shared_tokens
+
+    def __call__(self, members: list[int], start: int, agreed: int, children: list[list[int]]) -> bool:
+        if agreed - 1 - start >= self.min_shared_tokens:
+            return True
+        if all(self.limits[member] == agreed for member in members):  # one prompt: its agreed tokens, all of them
+            return True
+        # Left out, the node would part the sequences of a document that its one-level layout shares.
+        child_documents = [{self.document_of[member] for member in child} for child in children]
+        return sum(map(len, child_documents)) > len(set().union(*child_documents))
 
 
 def _leaf_tree(sequences: list[SequenceSpec], member: int, position_offset: int) -> PrefixTree:
@@ -134,8 +170,11 @@ def _leaf_tree(sequences: list[SequenceSpec], member: int, position_offset: int)
     return PrefixTree((node,), position_offset)
 
 
-def _grow(tokens, limits, sequences, group: list[int], common: int) -> tuple[TreeNode, ...]:
-    """Nodes of the tree whose root the ``group`` shares (``common`` >= 2 tokens), depth first."""
+def _grow(
+    tokens: list[torch.Tensor], limits: list[int], group: list[int], common: int, keeps: _NodeRule
+) -> tuple[TreeNode, ...]:
+    """Nodes of the tree whose root the ``group`` shares (``common`` >= 2 tokens), depth first. A node that
+    ``keeps`` leaves out hands its start to its children, which then lay its tokens out each."""
     nodes: list[TreeNode] = []
     # (members, tokens they agree on, first laid-out index, parent); a stack, children pushed in reverse order.
     stack: list[tuple[list[int], int, int, int]] = [(group, common, 0, -1)]
@@ -145,9 +184,13 @@ def _grow(tokens, limits, sequences, group: list[int], common: int) -> tuple[Tre
             nodes.append(TreeNode(members[0], start, len(tokens[members[0]]), parent, (members[0],)))
             continue
         agreed = _common_length(tokens, members, limits, agreed)
+        children = _split(tokens, members, limits, agreed)
+        if parent >= 0 and not keeps(members, start, agreed, children):
+            for child in reversed(children):
+                stack.append((child, agreed + 1 if len(child) > 1 else agreed, start, parent))
+            continue
         index = len(nodes)
         nodes.append(TreeNode(members[0], start, agreed - 1, parent, tuple(members)))
-        children = _split(tokens, members, limits, agreed)
         for child in reversed(children):
             stack.append((child, agreed + 1 if len(child) > 1 else agreed, agreed - 1, index))
     return tuple(nodes)
@@ -186,7 +229,11 @@ def merge_key(doc: DocumentSpec, shift_positions: bool) -> tuple | None:
 
 
 def row_trees(
-    documents: list[DocumentSpec], first_sequence: list[int], sequences: list[SequenceSpec], shift_positions: bool
+    documents: list[DocumentSpec],
+    first_sequence: list[int],
+    sequences: list[SequenceSpec],
+    shift_positions: bool,
+    min_shared_tokens: int = MIN_SHARED_TOKENS,
 ) -> list[PrefixTree]:
     """The trees of one row's documents (merged where their ``merge_key`` agrees), in batch order of their first
     sequence. Aliases (identical sequences of one document) are left out: they are scored from their first copy."""
@@ -201,6 +248,9 @@ def row_trees(
             groups[key] = []
             placed.append((position, key))
         groups[key].extend(first + member for member in doc.branches)
+    document_of = [-1] * len(sequences)
+    for position, (doc, first) in enumerate(zip(documents, first_sequence, strict=True)):
+        document_of[first : first + len(doc.sequences)] = [position] * len(doc.sequences)
     trees: list[PrefixTree] = []
     for _, entry in placed:
         if isinstance(entry, list):
@@ -208,5 +258,5 @@ def row_trees(
         else:
             members = groups[entry]
             offset = sequences[members[0]].position_offset
-            trees.extend(build_trees(sequences, members, offset))
+            trees.extend(build_trees(sequences, members, offset, min_shared_tokens, document_of))
     return trees
