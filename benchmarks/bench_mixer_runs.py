@@ -1,9 +1,11 @@
 """Hybrid DPO: the state-carrying mixers on the unpadded run vs the padded run, side by side in one process.
 
 ``PrefixSharedDPOTrainer`` on a hybrid preset (default ``nemotron-h-scaled``: Mamba2 mixers, MLPs and a few attention
-layers) in four layouts over the same batches: packed but unshared (``share_prefix=False``, the padding-free baseline),
+layers) in five layouts over the same batches: packed but unshared (``share_prefix=False``, the padding-free baseline),
 shared with the mixers forced onto the padded run (one-level layouts, as before Mamba2 had the unpadded run), shared on
-the unpadded run with one-level layouts, and the default (unpadded run, prefix trees). Runs alternate in one process
+the unpadded run with one-level layouts, prefix trees merging every common token (``trees_min1``:
+``prefix_tree_min_shared_tokens=1``, the rule before the minimum), and the default (unpadded run, prefix trees with
+their default minimum). Runs alternate in one process
 from the same randomly initialised model (CPU, fp32, gradient checkpointing as TRL's default); timing, tokens and peak
 memory are ``trl_prefix_share.commands.bench``'s. The padded variant replaces the recipe reader for its run only.
 
@@ -53,6 +55,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "unshared": ({"share_prefix": False, "prefix_tree": False}, False),
     "padded": ({"prefix_tree": False}, True),
     "unpadded": ({"prefix_tree": False}, False),
+    "trees_min1": ({"prefix_tree_min_shared_tokens": 1}, False),
     "ours": ({}, False),
 }
 
@@ -121,14 +124,14 @@ def main(argv: list[str] | None = None) -> None:
             "median_s": statistics.median(s for r in results for s in r.step_seconds),
         }
     base = summary["unshared"]
-    print(f"\n{'variant':<10}{'s/step':>9}{'tokens/step':>13}{'vs unshared':>13}{'token limit':>13}{'of limit':>10}")
+    print(f"\n{'variant':<12}{'s/step':>9}{'tokens/step':>13}{'vs unshared':>13}{'token limit':>13}{'of limit':>10}")
     steps = args.rounds * args.steps
     for name, row in summary.items():
         speed = base["seconds"] / row["seconds"]
         limit = base["tokens"] / row["tokens"]
         row.update(speedup=speed, token_limit=limit, share_of_limit=speed / limit)
         print(
-            f"{name:<10}{row['seconds'] / steps:>9.2f}{row['tokens'] / steps:>13.0f}{speed:>12.2f}x{limit:>12.2f}x"
+            f"{name:<12}{row['seconds'] / steps:>9.2f}{row['tokens'] / steps:>13.0f}{speed:>12.2f}x{limit:>12.2f}x"
             f"{speed / limit:>10.2f}"
         )
     print("ratios of sums over all timed steps; 'of limit': the speed-up over unshared / its token ratio")

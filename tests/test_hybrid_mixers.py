@@ -22,6 +22,7 @@ from equivalence import (
     first_batch,
     perturb,
     relative_difference,
+    tree_depth,
 )
 from test_model_registry import FAMILY_FIELDS
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -178,10 +179,11 @@ def count_runs(monkeypatch) -> dict[str, int]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dpo_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
-    """Convolution, gated-delta and Mamba2 mixers on the packed tokens (no padding, prefix trees on); Kimi delta
-    attention in padded calls (one-level layouts): prefixes of several lengths left-padded (bias-free mixers) or
-    grouped by length (biased ones)."""
-    stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
+    """Convolution, gated-delta and Mamba2 mixers on the packed tokens (no padding, prefix trees on hh's short
+    template heads: a minimum of 2 shared tokens, so the batch is one tree of depth 2 or more); Kimi delta attention
+    in padded calls (one-level layouts): prefixes of several lengths left-padded (bias-free mixers) or grouped by
+    length (biased ones)."""
+    stock, ours = dpo_pair(saved, family, tokenizer, hh_rows, prefix_tree_min_shared_tokens=2)
     assert ours.prefix_share_packing.prefix_tree == (family in RAGGED)  # trees need the unpadded run
     runs = count_runs(monkeypatch)
     mixers = [(m, v) for m, v in ((m, mixer_verdict(m)) for m in ours.model.modules()) if v is not None]
@@ -190,6 +192,7 @@ def test_dpo_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
     assert left_padded == {family != "lfm2_biased"}
     stock_batch, our_batch = first_batch(stock, 4), first_batch(ours, 4)
     packed = our_batch[PACKED_KEY]
+    assert (tree_depth(packed) >= 2) == (family in RAGGED)
     assert packed["input_ids"].size(0) < stock_batch["input_ids"].size(0)  # several documents per row
     assert packed["input_ids"].numel() < stock_batch["input_ids"].numel()
     compare(stock, ours, stock_batch, our_batch)

@@ -147,14 +147,23 @@ def test_grpo_policy_step_shares_each_group(grpo_pair):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rloo_generation_and_policy_step_match_stock(family, model_dir, tokenizer, monkeypatch):
-    """Chat prompts: their template's head is common to all, so the passes run one prefix tree over prompts of
-    different left padding."""
+    """Chat prompts: their template's head is common to all, so with trees on short heads (a minimum of 2 shared
+    tokens) the passes run one prefix tree over prompts of different left padding."""
+    from trl_prefix_share import PrefixSharedRLOOConfig
     from trl_prefix_share.core.online import rows as online_rows
 
     dataset = real_prompts(PROMPTS, offset=10, conversational=True)
     fields = dict(beta=0.05, num_iterations=2)
     stock = build(RLOOTrainer, RLOOConfig, model_dir(family), tokenizer, dataset, **fields)
-    ours = build(PrefixSharedRLOOTrainer, RLOOConfig, model_dir(family), tokenizer, dataset, **fields)
+    ours = build(
+        PrefixSharedRLOOTrainer,
+        PrefixSharedRLOOConfig,
+        model_dir(family),
+        tokenizer,
+        dataset,
+        prefix_tree_min_shared_tokens=2,
+        **fields,
+    )
     batch = generation_batch(dataset, PROMPTS)
     pack, depths = online_rows.pack_documents, []
 
