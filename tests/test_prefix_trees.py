@@ -7,6 +7,7 @@ template's head); the tests here make the common part long and assert that the b
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import build_tiny_model, load_dataset_rows
 from datasets import Dataset
@@ -61,6 +62,16 @@ def test_different_prompts_share_a_node_only_from_the_minimum_on():
     repeated = [_document([7, 8], [[9], [10]], 0), _document([7, 8], [[11], [12]], 2)]
     shared = pack_documents(repeated, 4, 10, 0, prefix_tree=True, min_shared_tokens=100)
     assert shared["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 8, 10, 8, 11, 8, 12]]
+
+
+def test_a_minimum_below_one_is_refused_with_the_fix():
+    import types
+
+    from trl_prefix_share.core.options import prefix_share_arguments
+
+    assert prefix_share_arguments(types.SimpleNamespace()).prefix_tree_min_shared_tokens == 32
+    with pytest.raises(ValueError, match=r"prefix_tree_min_shared_tokens=0: give 1 or more .*prefix_tree=False"):
+        prefix_share_arguments(types.SimpleNamespace(prefix_tree_min_shared_tokens=0))
 
 
 def test_a_document_is_never_parted_by_a_node_left_out():
