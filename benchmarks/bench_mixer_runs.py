@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     parser.add_argument("--model-preset", default="nemotron-h-scaled", choices=sorted(PRESETS))
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="layouts to run (unshared is the baseline; a dense preset has no padded run: leave `padded` out)",
+    )
     add_small_run_flags(parser)  # its --layers / --hidden / --heads are unused: the preset sets the shape
     return parse_small_run(parser, argv)
 
@@ -112,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
     runs = alternating_rounds(
-        list(VARIANTS), args.rounds, lambda name: run_once(name, args, model_dir, tokenizer, dataset)
+        ["unshared", *(name for name in args.variants if name != "unshared")],
+        args.rounds,
+        lambda name: run_once(name, args, model_dir, tokenizer, dataset),
     )
     summary: dict[str, dict[str, Any]] = {}
     for name, results in runs.items():
