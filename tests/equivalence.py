@@ -162,6 +162,15 @@ def rotary_in_float64(patch, *modules) -> None:
                 patch.setattr(getattr(module, name), "forward", float64_rotary_forward)
 
 
+def trees_on_short_heads(*trainers):
+    """Let these trainers' prefix trees merge prompts on as few as 2 common tokens (hh's "\\n\\nHuman:"), where the
+    default minimum (32) keeps them one-level: the tests that check trees against stock on real data. Set on the
+    packing choice the collators and passes read, so the trainers keep their plain TRL configs."""
+    for trainer in trainers:
+        trainer.prefix_share_packing.prefix_tree_min_shared_tokens = 2
+    return trainers
+
+
 def tree_depth(packed: dict) -> int:
     """The deepest node of a packed layout's prefix trees (0: roots only; 1: one-level documents, a prefix and its
     branches; 2 or more: prompts merged below a common start)."""

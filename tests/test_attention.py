@@ -164,7 +164,8 @@ def trees(batch: dict) -> int:
 LAYOUTS = {
     "one-row": dict(),  # all documents in one row
     "rows": dict(max_row_tokens=2 * MAX_LENGTH + 8, pad_to_multiple_of=16),  # several rows, padded
-    "tree": dict(),  # one row, every prompt behind one system prompt: a prefix tree over all pairs
+    # one row, every prompt behind one system prompt (20 tokens, below the default minimum): one tree over all pairs
+    "tree": dict(prefix_tree_min_shared_tokens=2),
 }
 SYSTEM_PROMPT = "You are a careful assistant. Answer the question below in plain words, and say so when unsure.\n\n"
 

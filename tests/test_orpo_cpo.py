@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import conversational, read_jsonl, tiny_moe_config
 from datasets import Dataset
-from equivalence import RELATIVE_TOLERANCE, cpu_args, perturb, relative_difference, tree_depth
+from equivalence import RELATIVE_TOLERANCE, cpu_args, perturb, relative_difference, tree_depth, trees_on_short_heads
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -128,7 +128,8 @@ def shared_pair(model_dir, tokenizer, hh_rows):
 
     def get(kind: str, family: str) -> tuple:
         if (kind, family) not in cache:
-            cache[kind, family] = make_pair(kind, model_dir(family), tokenizer, hh_rows)
+            _, ours = cache[kind, family] = make_pair(kind, model_dir(family), tokenizer, hh_rows)
+            trees_on_short_heads(ours)
         return cache[kind, family]
 
     return get

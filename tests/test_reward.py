@@ -22,6 +22,7 @@ from equivalence import (
     perturb,
     relative_difference,
     tree_depth,
+    trees_on_short_heads,
 )
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
@@ -100,6 +101,7 @@ def hh_rows():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_pairs_match_stock_with_center_rewards(family, reward_model_dir, tokenizer, hh_rows):
     stock, ours = make_pair(reward_model_dir(family), tokenizer, hh_rows)
+    trees_on_short_heads(ours)
     stock_batch, our_batch = first_batch(stock, BATCH), first_batch(ours, BATCH)
     packed = our_batch[PACKED_KEY]
     assert packed["input_ids"].numel() < stock_batch["input_ids"].numel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import load_dataset_rows, save_tiny_model
-from equivalence import assert_equivalent, first_batch, perturb, relative_difference, tree_depth
+from equivalence import assert_equivalent, first_batch, perturb, relative_difference, tree_depth, trees_on_short_heads
 from transformers import AutoModelForCausalLM
 
 from trl_prefix_share.core.attention.flex_packed import packed_flex_attention
@@ -72,6 +72,7 @@ def test_dpo_matches_stock(family, saved, tokenizer, hh_rows):
 
     stock, ours = make_pair(saved(family), tokenizer, hh_rows)
     assert ours.prefix_share_fallback is None
+    trees_on_short_heads(ours)
     stock_batch, our_batch = first_batch(stock, 4), first_batch(ours, 4)
     if family == "gpt_oss":
         assert stock_batch["input_ids"].size(1) > 2 * 16  # past the sliding window
@@ -89,6 +90,7 @@ def test_gpt_oss_orpo_and_simpo_match_stock(kind, saved, tokenizer):
     config = {"loss_type": "simpo", "cpo_alpha": 0.0} if kind == "cpo" else {}
     stock, ours = make_pair(kind, saved("gpt_oss"), tokenizer, short_rows("hh_helpful", 8), **config)
     assert ours.prefix_share_fallback is None
+    trees_on_short_heads(ours)
     ours_batch = paired_batch(ours)
     assert tree_depth(ours_batch[PACKED_KEY]) >= 2
     paired_equivalent(stock, ours, paired_batch(stock), ours_batch)
