@@ -122,16 +122,18 @@ def build_trees(
     members: list[int],
     position_offset: int,
     min_shared_tokens: int = MIN_SHARED_TOKENS,
-    document_of: list[int] | None = None,
+    document_of: dict[int, int] | None = None,
 ) -> list[PrefixTree]:
     """The trie of ``members`` (unique sequences, by index into ``sequences``), as trees in batch order.
 
     A tree's root shares at least two tokens (one laid-out token saved per extra sequence, as a one-level document)
     and, shared by different prompts, as many as ``_NodeRule`` asks; sequences that share less stand alone as a
-    one-node tree. ``document_of``: each sequence's document (default: one document each)."""
+    one-node tree. ``document_of``: each member's document (default: one document each)."""
     tokens = [seq.tokens for seq in sequences]
     limits = [share_limit(seq) for seq in sequences]
-    keeps = _NodeRule(limits, list(range(len(sequences))) if document_of is None else document_of, min_shared_tokens)
+    keeps = _NodeRule(
+        limits, {member: member for member in members} if document_of is None else document_of, min_shared_tokens
+    )
     trees: list[PrefixTree] = []
     pending: list[tuple[list[int], int]] = [(members, 0)]  # groups agreeing on their first `known` tokens
     while pending:
@@ -152,7 +154,7 @@ class _NodeRule:
     """Whether a node is laid out: the node of ``members``, which agree on their first ``agreed`` tokens, from
     ``start`` (it holds ``[start, agreed - 1)``), its members parted into ``children``."""
 
-    def __init__(self, limits: list[int], document_of: list[int], min_shared_tokens: int) -> None:
+    def __init__(self, limits: list[int], document_of: dict[int, int], min_shared_tokens: int) -> None:
         self.limits, self.document_of, self.min_shared_tokens = limits, document_of, min_shared_tokens
 
     def __call__(self, members: list[int], start: int, agreed: int, children: list[list[int]]) -> bool:
@@ -248,9 +250,11 @@ def row_trees(
             groups[key] = []
             placed.append((position, key))
         groups[key].extend(first + member for member in doc.branches)
-    document_of = [-1] * len(sequences)
-    for position, (doc, first) in enumerate(zip(documents, first_sequence, strict=True)):
-        document_of[first : first + len(doc.sequences)] = [position] * len(doc.sequences)
+    document_of = {  # this row's sequences only: the batch's list may hold many rows
+        first + member: position
+        for position, (doc, first) in enumerate(zip(documents, first_sequence, strict=True))
+        for member in range(len(doc.sequences))
+    }
     trees: list[PrefixTree] = []
     for _, entry in placed:
         if isinstance(entry, list):
