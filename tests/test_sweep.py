@@ -85,3 +85,45 @@ def test_time_cap_is_reported_and_longer_prompts_skipped(tmp_path, capsys):
     assert first["speedup"] is None and first["token_limit"] is None
     with pytest.raises(SystemExit):
         main(["bench", "--sweep", "--trainer", "dpo", "--completions", "3"])  # DPO needs pairs
+
+
+def test_allocation_peak_counts_what_torch_holds_at_its_highest():
+    import torch
+
+    from trl_prefix_share.commands.bench.measure import AllocationPeak
+
+    peak = AllocationPeak()
+    kept = torch.ones(1)
+    peak.start()
+    del kept  # freed inside the interval: below the start, not above it
+    big = torch.zeros(1 << 20)  # 4 MiB, freed before the end
+    small = torch.zeros(1 << 18)  # 1 MiB, alive at the peak
+    del big, small
+    assert peak.stop() == pytest.approx(5 * 2**20, rel=0.01)
+    assert peak.stop() == pytest.approx(5 * 2**20, rel=0.01)  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("kind", "family", "completions"), [("dpo", "llama", [2, 6]), ("grpo", "qwen2", [4])], ids=["dpo", "grpo"]
+)
+def test_memory_prediction_matches_torchs_exact_peaks(kind, family, completions, tokenizer):
+    """The estimator's peak-memory prediction against torch's allocation peaks of stock TRL and of ours, on a small
+    model of two families with gradient checkpointing (the setting it models)."""
+    settings = SweepSettings(
+        kinds=[kind],
+        prompt_lengths=[96],
+        completions=completions,
+        completion_length=16,
+        tokenizer=str(TOKENIZER_DIR),
+        shape=ModelShape(family=family, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=160),
+        steps=1,
+        warmup=1,
+        time_cap_s=None,
+        variants=["stock", "ours"],
+        device="cpu",
+    )
+    result = run_sweep(settings, log=lambda line: None)
+    for cell in result["cells"]:
+        assert cell["predicted_memory_stock_mib"] > cell["predicted_memory_ours_mib"] > 0, cell
+        for key in ("memory_prediction_error_stock", "memory_prediction_error_ours", "memory_prediction_error"):
+            assert abs(cell[key]) < 0.1, (key, cell)

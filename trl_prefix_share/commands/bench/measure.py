@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -65,6 +66,38 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class AllocationPeak:
+    """Exact peak of the bytes torch holds on the CPU over an interval, from the allocator's own events.
+
+    The resident-set peak (VmHWM) counts allocator slack and pages glibc has not handed back, which is not linear in
+    tokens; this counts every torch allocation and free (the profiler's memory events: ``nbytes`` is positive for an
+    allocation, negative for a free) and returns the highest running total above the start, the CPU counterpart of
+    CUDA's ``max_memory_allocated``. Memory outside torch's allocator (numpy, the tokenizer) is not in it."""
+
+    def __init__(self) -> None:
+        self._profiler: Any = None
+        self.peak_bytes: int | None = None
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.stop()
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
+
+    def stop(self) -> int | None:
+        """End the interval (idempotent); the peak in bytes above the start, or None when none was started."""
+        if self._profiler is None:
+            return self.peak_bytes
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        running = np.cumsum([e.nbytes() for e in events]) if events else np.zeros(1, dtype=np.int64)
+        self.peak_bytes = max(int(running.max()), 0)
+        return self.peak_bytes
+
+
 class PeakMemory:
     """Peak memory of the timed steps: CUDA's allocator peak, or on Linux the process's peak resident set.
 
@@ -72,11 +105,14 @@ class PeakMemory:
     kernel's high-water mark (VmHWM, ``/proc/self/clear_refs``), so the peak is the timed steps', not the process's.
     The peak includes weights and optimizer state, the same for every variant. ``growth_mib`` is the peak above the
     memory held at the reset, when weights, optimizer state and buffers are in place: what the timed steps'
-    activations and gradients add, the part that scales with the tokens a step runs."""
+    activations and gradients add, the part that scales with the tokens a step runs. With ``torch_allocations`` the
+    CPU growth is torch's exact allocation peak (`AllocationPeak`) instead of the resident set's; ``finish`` (called
+    at the end of training) closes that interval."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, torch_allocations: bool = False) -> None:
         self.device = device
         self.start_mib: float | None = None
+        self.allocations = AllocationPeak() if torch_allocations and device.type != "cuda" else None
 
     def reset(self) -> None:
         if self.device.type == "cuda":
@@ -88,6 +124,12 @@ class PeakMemory:
             self.start_mib = _status_mib("VmRSS")  # read first: the reset mark then holds at least this much
             with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
                 Path("/proc/self/clear_refs").write_text("5")
+            if self.allocations is not None:
+                self.allocations.start()
+
+    def finish(self) -> None:
+        if self.allocations is not None:
+            self.allocations.stop()
 
     def peak_mib(self) -> float | None:
         if self.device.type == "cuda":
@@ -95,6 +137,9 @@ class PeakMemory:
         return _status_mib("VmHWM")
 
     def growth_mib(self) -> float | None:
+        if self.allocations is not None:
+            peak = self.allocations.stop()
+            return None if peak is None else peak / 2**20
         peak = self.peak_mib()
         return None if peak is None or self.start_mib is None else peak - self.start_mib
 
@@ -127,6 +172,9 @@ class StepTimer(TrainerCallback):
             self.memory.reset()
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.memory.finish()
 
 
 def intervals(marks: list[float], warmup: int) -> list[float]:

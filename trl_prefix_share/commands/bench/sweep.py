@@ -49,6 +49,7 @@ from trl_prefix_share.commands.bench.measure import (
 )
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
 from trl_prefix_share.commands.bench.runner import environment
+from trl_prefix_share.commands.estimate.memory import MemoryEstimate, ModelSizes
 
 SWEEP_KINDS = ("dpo", "grpo")
 SWEEP_VARIANTS = ("stock", "unshared", "ours")
@@ -304,7 +305,7 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
     """Build and train one variant of one cell; an out-of-memory error or the time cap is recorded, not raised."""
     run = SweepRun(kind, prompt_length, completions, variant, OK)
     device = settings.resolved_device()
-    memory = PeakMemory(device)
+    memory = PeakMemory(device, torch_allocations=True)
     compiles = _compiled_graphs()
     with tempfile.TemporaryDirectory(prefix="trl-prefix-share-sweep-") as output_dir:
         build = _dpo_trainer if kind == "dpo" else _grpo_trainer
@@ -326,6 +327,7 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
             run.status = OVER_TIME_CAP
         else:
             run.status = OVER_TIME_CAP if cap.hit else OK
+        memory.finish()  # an interrupted step leaves the allocation interval open
         if len(timer.wall) > settings.warmup:
             run.step_seconds = intervals(timer.wall, settings.warmup)
             run.peak_memory_mib, run.training_memory_mib = memory.peak_mib(), memory.growth_mib()
@@ -345,9 +347,10 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
     return run
 
 
-def predicted_token_ratio(settings: SweepSettings, kind: str, tokenizer, texts) -> float | None:
-    """The estimator's token ratio for the cell (`estimate`'s own counting), configured as the cell's trainer runs:
-    GRPO with G = n, DPO with its n/2 pairs per prompt grouped by prompt (`group_by_prompt`, as ours trains)."""
+def cell_prediction(settings: SweepSettings, kind: str, tokenizer, texts, model: ModelSizes | None):
+    """The estimator's token ratio and (with the model's sizes) peak-memory prediction for the cell (`estimate`'s
+    own counting), configured as the cell's trainer runs: GRPO with G = n, DPO with its n/2 pairs per prompt grouped
+    by prompt (`group_by_prompt`, as ours trains)."""
     from trl_prefix_share.commands.estimate.online import count_online_tokens, prompt_token_ids
 
     if kind == "grpo":
@@ -355,16 +358,18 @@ def predicted_token_ratio(settings: SweepSettings, kind: str, tokenizer, texts) 
         prompts = np.array([len(ids) for ids in prompt_ids], dtype=np.int64)
         completions = np.array([len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for _, r in texts])
         batch = settings.prompts_per_step * len(texts[0][1])
-        count = count_online_tokens(prompts, completions, len(texts[0][1]), batch, shuffle=False, prompt_ids=prompt_ids)
-        return count.ratio
+        count = count_online_tokens(
+            prompts, completions, len(texts[0][1]), batch, shuffle=False, prompt_ids=prompt_ids, model=model
+        )
+        return count.ratio, count.memory
     from trl_prefix_share.commands.estimate import estimate_savings
 
     rows = dpo_rows(texts).to_list()
     batch = settings.prompts_per_step * (len(texts[0][1]) // 2)
     estimate = estimate_savings(
-        rows, tokenizer, batch_size=batch, max_length=None, seed=settings.seed, group_by_prompt=True
+        rows, tokenizer, batch_size=batch, max_length=None, seed=settings.seed, group_by_prompt=True, model=model
     )
-    return estimate.token_ratio
+    return estimate.token_ratio, estimate.memory
 
 
 def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
@@ -374,6 +379,10 @@ def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
     model = settings.model or build_model_dir(
         settings.shape, tokenizer, False, settings.seed, torch.float32, max_positions=max(4096, longest)
     )
+    # The memory prediction models fp32 on a device without Triton (stock's head scores every padded position) with
+    # gradient checkpointing: other cells get none.
+    predictable = settings.resolved_device().type == "cpu" and settings.gradient_checkpointing
+    sizes = ModelSizes.from_pretrained(model) if predictable else None
     needed = max(settings.prompt_lengths) * 4 + max(settings.completions) * settings.completion_length * 4
     stream = TextStream(tokenizer, needed_tokens=needed)
     runs: list[SweepRun] = []
@@ -401,7 +410,7 @@ def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
                 if counted is not None:
                     cell_runs["stock"].tokens_per_step = counted.stock_tokens_per_step
             runs.extend(cell_runs.values())
-            cells.append(summarize_cell(cell_runs, predicted_token_ratio(settings, kind, tokenizer, texts)))
+            cells.append(summarize_cell(cell_runs, *cell_prediction(settings, kind, tokenizer, texts, sizes)))
     return {"settings": _settings_dict(settings), "environment": environment(settings), "cells": cells, "runs": runs}
 
 
@@ -409,8 +418,11 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if not numerator or not denominator else numerator / denominator
 
 
-def summarize_cell(runs: dict[str, SweepRun], predicted: float | None) -> dict[str, Any]:
-    """The cell's limits, speed-ups, shares of the limits, memory ratio and the estimator's prediction error."""
+def summarize_cell(
+    runs: dict[str, SweepRun], predicted: float | None, memory_prediction: MemoryEstimate | None = None
+) -> dict[str, Any]:
+    """The cell's limits, speed-ups, shares of the limits, memory ratio and the estimator's prediction errors (token
+    ratio; peak memory of stock, of ours and their ratio)."""
     any_run = next(iter(runs.values()))
     stock, unshared, ours = (runs.get(v) for v in SWEEP_VARIANTS)
 
@@ -447,6 +459,28 @@ def summarize_cell(runs: dict[str, SweepRun], predicted: float | None) -> dict[s
         "memory_in_proportion": in_proportion,
         "predicted_token_ratio": predicted,
         "prediction_error": None if predicted is None or token_limit is None else predicted / token_limit - 1,
+        **_memory_prediction(memory_prediction, memory(stock), memory(ours)),
+    }
+
+
+def _memory_prediction(
+    prediction: MemoryEstimate | None, stock_mib: float | None, ours_mib: float | None
+) -> dict[str, float | None]:
+    """The estimator's predicted peaks (above the warm-up state) and their errors against the measured ones."""
+    keys = ("stock_mib", "ours_mib", "error_stock", "error_ours", "error")
+    if prediction is None:
+        return {f"predicted_memory_{key}" if "mib" in key else f"memory_prediction_{key}": None for key in keys}
+
+    def error(predicted: float, measured: float | None) -> float | None:
+        return None if not measured else predicted / measured - 1
+
+    measured_saving = _ratio(stock_mib, ours_mib)
+    return {
+        "predicted_memory_stock_mib": prediction.stock_mib,
+        "predicted_memory_ours_mib": prediction.ours_mib,
+        "memory_prediction_error_stock": error(prediction.stock_mib, stock_mib),
+        "memory_prediction_error_ours": error(prediction.ours_mib, ours_mib),
+        "memory_prediction_error": error(prediction.saving, measured_saving),
     }
 
 
@@ -473,13 +507,18 @@ def format_sweep_table(result: dict[str, Any]) -> str:
             f"{_figure(c['speedup']):>10}{_figure(c['share_of_token_limit'], ''):>9}"
             f"{_figure(c['unpadded_limit']):>10}{_figure(c['sharing_alone']):>8}"
             f"{_figure(c['share_of_unpadded_limit'], ''):>9}{_figure(c['memory_ratio']):>8}"
-            f"{_figure(c['predicted_token_ratio']):>10}"
+            f"{_figure(c['predicted_token_ratio']):>10}{_figure(_predicted_saving(c)):>9}"
         )
     lines.append(
         "token limit: stock tokens / ours; unpadded: packed-unshared tokens / ours; alone: unshared s/step / ours; "
-        "memory: stock's peak above the warm-up state / ours; estimate: the estimator's predicted token limit"
+        "memory: stock's peak above the warm-up state / ours; estimate: the estimator's predicted token limit; "
+        "mem est: its predicted memory ratio"
     )
     return "\n".join(lines)
+
+
+def _predicted_saving(cell: dict[str, Any]) -> float | None:
+    return _ratio(cell.get("predicted_memory_stock_mib"), cell.get("predicted_memory_ours_mib"))
 
 
 def write_sweep_json(result: dict[str, Any], path: Path) -> None:

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=MIN_SHARED_TOKENS,
         help="the config field: fewest tokens different prompts share in a prefix tree (default: %(default)s)",
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the model (hub name or directory; its config alone is read): also predict the peak memory of a step",
+    )
     parser.add_argument("--seed", type=int, default=42, help="the Trainer's seed (or data_seed) for the shuffle")
     parser.add_argument("--no-shuffle", action="store_true", help="batches in dataset order")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
@@ -95,6 +100,15 @@ def _limit(dataset, args: argparse.Namespace):
         picked = np.random.default_rng(args.seed).choice(len(dataset), args.sample, replace=False)
         dataset = dataset.select(np.sort(picked))
     return dataset
+
+
+def _model_sizes(args: argparse.Namespace):
+    """The model's sizes for the memory prediction (None without --model)."""
+    if args.model is None:
+        return None
+    from trl_prefix_share.commands.estimate.memory import ModelSizes
+
+    return ModelSizes.from_pretrained(args.model)
 
 
 def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
@@ -124,6 +138,7 @@ def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
     prompts = np.array([len(ids) for ids in prompt_ids], dtype=np.int64)
     completions = completion_lengths(dataset, tokenizer, args.completion_column, args.max_completion_length)
     source = f"column {args.completion_column!r}" if args.completion_column else "all max_completion_length"
+    model = _model_sizes(args)
     estimates = [
         count_online_tokens(
             prompts,
@@ -136,6 +151,7 @@ def run_online_estimate(dataset, args: argparse.Namespace, title: str) -> None:
             completion_source=source,
             prompt_ids=prompt_ids,
             min_shared_tokens=args.prefix_tree_min_shared_tokens,
+            model=model,
         )
         for batch_size in args.batch_size
     ]
@@ -203,6 +219,7 @@ def run_estimate(argv: list[str]) -> None:
     pairs = tokenize_pairs(
         dataset, tokenizer, args.max_length, args.truncation_mode, not args.no_progress, args.exact_tokenization
     )
+    model = _model_sizes(args)
     estimates = [
         count_tokens(
             pairs,
@@ -214,6 +231,7 @@ def run_estimate(argv: list[str]) -> None:
             pad_rows_to_multiple_of=args.pad_rows_to_multiple_of,
             group_by_prompt=args.group_by_prompt,
             prefix_tree_min_shared_tokens=args.prefix_tree_min_shared_tokens,
+            model=model,
         )
         for batch_size in args.batch_size
     ]

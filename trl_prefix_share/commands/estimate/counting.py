@@ -8,6 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from trl_prefix_share.commands.estimate.loading import load_preference_dataset, load_tokenizer
+from trl_prefix_share.commands.estimate.memory import (
+    ModelSizes,
+    StepSizes,
+    estimate_memory,
+    side_key_slots,
+    stock_steps,
+)
 from trl_prefix_share.commands.estimate.results import LengthStats, PairLengths, SavingsEstimate
 from trl_prefix_share.commands.estimate.tokenization import tokenize_pairs
 from trl_prefix_share.core.layout import assign_rows
@@ -167,14 +174,31 @@ def _batch_order(pairs: PairLengths, batch_size: int, shuffle: bool, seed: int, 
     return np.array([index for batch in batches for index in batch], dtype=np.int64)
 
 
-def _stock_batches(pairs: PairLengths, order: np.ndarray, batch_size: int, multiple: int | None) -> np.ndarray:
-    """Tokens of stock TRL's padded ``[2B, L]`` batches, consecutive slices of ``order``."""
+def _stock_shapes(
+    pairs: PairLengths, order: np.ndarray, batch_size: int, multiple: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, width) of stock TRL's padded ``[2B, L]`` batches, consecutive slices of ``order``."""
     if not len(order):
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     starts = np.arange(0, len(order), batch_size)
     longest = np.maximum(pairs.chosen_seq, pairs.rejected_seq)[order]
     sizes = np.diff(np.append(starts, len(order)))
-    return 2 * sizes * _round_up(np.maximum.reduceat(longest, starts), multiple)
+    return 2 * sizes, _round_up(np.maximum.reduceat(longest, starts), multiple)
+
+
+def _stock_batches(pairs: PairLengths, order: np.ndarray, batch_size: int, multiple: int | None) -> np.ndarray:
+    """Tokens of stock TRL's padded ``[2B, L]`` batches, consecutive slices of ``order``."""
+    rows, widths = _stock_shapes(pairs, order, batch_size, multiple)
+    return rows * widths
+
+
+def _scored_positions(pairs: PairLengths, batch: np.ndarray, documents: list[list[Laid]], grouped: bool) -> int:
+    """Positions our head scores in a batch: the response tokens of each sequence laid out (a distinct sequence
+    once under `group_by_prompt`; identical chosen / rejected once)."""
+    if grouped:
+        return sum(length - len(prompt) // 4 for document in documents for length, prompt in document)
+    both = pairs.chosen_seq[batch] + pairs.rejected_seq[batch] - pairs.prompt_seq[batch]
+    return int(np.where(pairs.identical[batch], both // 2, both).sum())
 
 
 def count_tokens(
@@ -188,8 +212,10 @@ def count_tokens(
     prefix_tree: bool = True,
     group_by_prompt: bool = False,
     prefix_tree_min_shared_tokens: int = MIN_SHARED_TOKENS,
+    model: ModelSizes | None = None,
 ) -> SavingsEstimate:
     """Sum stock and prefix-shared tokens over the batches of one epoch (the last batch may be short, as in TRL);
+    with ``model`` (its sizes), also predict the peak memory of a step of each (`estimate.memory`);
     ``prefix_tree``: our rows hold prefix trees (the trainers' default; ``prefix_tree_min_shared_tokens`` as the
     config field), else one-level documents;
     ``group_by_prompt``: ours is `PrefixSharedDPOConfig(group_by_prompt=True)` (its sampler and documents), stock
@@ -200,7 +226,7 @@ def count_tokens(
     order = _batch_order(pairs, batch_size, shuffle, seed, group_by_prompt)
     stock_batches = _stock_batches(pairs, stock_order, batch_size, pad_to_multiple_of)
     trees = prefix_tree and pairs.prompt_tokens is not None
-    ours_batches, one_level_batches = [], []
+    ours_batches, one_level_batches, ours_steps = [], [], []
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         if group_by_prompt:
@@ -217,7 +243,15 @@ def count_tokens(
             )
         else:
             ours_batches.append(one_level)
+        if model is not None:
+            side = side_key_slots([[length for length, _ in document] for document in documents])
+            scored = _scored_positions(pairs, batch, documents, group_by_prompt)
+            ours_steps.append(StepSizes(ours_batches[-1], scored, side))
     ours = np.asarray(ours_batches, dtype=np.int64)
+    memory = None
+    if model is not None:
+        stock_shapes = _stock_shapes(pairs, stock_order, batch_size, pad_to_multiple_of)
+        memory = estimate_memory(model, stock_steps(*stock_shapes), ours_steps)
     # Per step, as the trainer logs it: stock's padding of the batch ours trains on.
     same_batches = _stock_batches(pairs, order, batch_size, pad_to_multiple_of) if group_by_prompt else stock_batches
     ratios = same_batches / ours if len(ours) else []
@@ -254,6 +288,7 @@ def count_tokens(
         pad_rows_to_multiple_of=pad_rows_to_multiple_of,
         spliced_checked=pairs.spliced_checked,
         group_by_prompt=group_by_prompt,
+        memory=memory,
     )
 
 
@@ -272,8 +307,10 @@ def estimate_savings(
     exact_tokenization: bool = False,
     group_by_prompt: bool = False,
     prefix_tree_min_shared_tokens: int = MIN_SHARED_TOKENS,
+    model: ModelSizes | str | None = None,
 ) -> SavingsEstimate:
-    """Tokens stock TRL's DPOTrainer would run on `dataset` in one epoch vs `PrefixSharedDPOTrainer`.
+    """Tokens stock TRL's DPOTrainer would run on `dataset` in one epoch vs `PrefixSharedDPOTrainer`, and with
+    ``model`` (its sizes, or a hub name / directory whose config is read) the peak memory of a step of each.
 
     `dataset`: a `datasets.Dataset`, a list of example dicts, or a file / hub name; `tokenizer`: a tokenizer or its
     name / directory. The other arguments mean what the `DPOConfig` / `PrefixSharedDPOConfig` fields of the same
@@ -284,6 +321,8 @@ def estimate_savings(
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(str(tokenizer))
     pairs = tokenize_pairs(dataset, tokenizer, max_length, truncation_mode, progress, exact_tokenization)
+    if isinstance(model, str | Path):
+        model = ModelSizes.from_pretrained(str(model))
     return count_tokens(
         pairs,
         batch_size,
@@ -294,4 +333,5 @@ def estimate_savings(
         pad_rows_to_multiple_of,
         group_by_prompt=group_by_prompt,
         prefix_tree_min_shared_tokens=prefix_tree_min_shared_tokens,
+        model=model,
     )

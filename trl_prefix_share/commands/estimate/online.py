@@ -21,6 +21,15 @@ import numpy as np
 from trl.data_utils import is_conversational
 
 from trl_prefix_share.commands.estimate.counting import sampler_order, tree_tokens
+from trl_prefix_share.commands.estimate.memory import (
+    MemoryEstimate,
+    ModelSizes,
+    StepSizes,
+    estimate_memory,
+    memory_lines,
+    side_key_slots,
+    stock_steps,
+)
 from trl_prefix_share.commands.estimate.results import LengthStats
 from trl_prefix_share.commands.estimate.tokenization import prompt_bytes
 from trl_prefix_share.commands.prompt_sets import prompt_token_ids as chat_prompt_ids
@@ -42,6 +51,7 @@ class OnlineEstimate:
     prompt: LengthStats
     completion: LengthStats
     completion_source: str
+    memory: MemoryEstimate | None = None  # predicted peak step memory, when the model's sizes were given
 
     @property
     def ratio(self) -> float:
@@ -52,7 +62,8 @@ class OnlineEstimate:
         return self.unpadded_tokens / max(self.tokens, 1)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio, "unpadded_ratio": self.unpadded_ratio}
+        memory = None if self.memory is None else self.memory.to_dict()
+        return {**asdict(self), "ratio": self.ratio, "unpadded_ratio": self.unpadded_ratio, "memory": memory}
 
 
 def prompt_token_ids(dataset, tokenizer) -> list[list[int]]:
@@ -90,13 +101,15 @@ def count_online_tokens(
     completion_source: str = "max_completion_length",
     prompt_ids: list[list[int]] | None = None,
     min_shared_tokens: int = MIN_SHARED_TOKENS,
+    model: ModelSizes | None = None,
 ) -> OnlineEstimate:
     """Sum one pass's tokens over the micro-batches of one epoch (the last generation batch may be short).
 
     With ``prompt_ids`` (each prompt's tokens) a micro-batch's prompts are merged into prefix trees, as the trainers
     do for models that see positions through their differences (rotary models: nearly every current LM; see
     ``core/tree_support.py``): a system prompt common to them is laid out once when it holds ``min_shared_tokens``
-    (``prefix_tree_min_shared_tokens``)."""
+    (``prefix_tree_min_shared_tokens``). With ``model`` (its sizes), the peak memory of the policy's step is
+    predicted too (`estimate.memory`)."""
     encoded = None if prompt_ids is None else [prompt_bytes(ids) for ids in prompt_ids]
     if batch_size % num_generations and steps_per_generation == 1:
         raise ValueError(f"batch size {batch_size} is not a multiple of num_generations={num_generations}")
@@ -105,6 +118,7 @@ def count_online_tokens(
     generation_rows = batch_size * steps_per_generation
     rng = np.random.default_rng(seed)
     stock = unpadded = ours = micro_batches = 0
+    stock_rows, stock_widths, ours_steps = [], [], []
     for start in range(0, len(rows_prompt), generation_rows):
         rows = rows_prompt[start : start + generation_rows]
         if steps_per_generation > 1:
@@ -112,15 +126,20 @@ def count_online_tokens(
         for micro in np.array_split(rows, max(1, -(-len(rows) // batch_size))):
             p, c = prompts[micro], completions[micro]
             stock += len(micro) * int(p.max() + c.max())
+            stock_rows.append(len(micro))
+            stock_widths.append(int(p.max() + c.max()))
             unpadded += int((p + c).sum())
+            documents: dict[int, list[tuple[int, bytes]]] = {}  # one per distinct prompt, as the collator's
+            for g, c_g in zip(micro, c, strict=True):
+                documents.setdefault(int(g), []).append((int(prompts[g] + c_g), b"" if encoded is None else encoded[g]))
             if encoded is None:
                 groups = np.unique(micro)
-                ours += int(prompts[groups].sum()) + int((c + 1).sum()) - len(groups)
+                tokens = int(prompts[groups].sum()) + int((c + 1).sum()) - len(groups)
             else:
-                documents: dict[int, list[tuple[int, bytes]]] = {}  # one per distinct prompt, as the collator's
-                for g, c_g in zip(micro, c, strict=True):
-                    documents.setdefault(int(g), []).append((int(prompts[g] + c_g), encoded[g]))
-                ours += tree_tokens(list(documents.values()), min_shared_tokens)
+                tokens = tree_tokens(list(documents.values()), min_shared_tokens)
+            ours += tokens
+            side = side_key_slots([[length for length, _ in sequences] for sequences in documents.values()])
+            ours_steps.append(StepSizes(tokens, int(c.sum()), side))
             micro_batches += 1
     return OnlineEstimate(
         prompts=len(prompts),
@@ -134,6 +153,9 @@ def count_online_tokens(
         prompt=LengthStats.of(prompts),
         completion=LengthStats.of(completions),
         completion_source=completion_source,
+        memory=None
+        if model is None
+        else estimate_memory(model, stock_steps(np.array(stock_rows), np.array(stock_widths)), ours_steps),
     )
 
 
@@ -153,6 +175,7 @@ def format_online_report(estimates: list[OnlineEstimate], title: str) -> str:
             f"{e.batch_size:>6} {e.steps_per_generation:>9} {e.stock_tokens:>14,} {e.unpadded_tokens:>14,} "
             f"{e.tokens:>14,} {e.ratio:>8.2f}x {e.unpadded_ratio:>11.2f}x"
         )
+    lines += memory_lines([(e.batch_size, e.memory) for e in estimates])
     lines += [
         "",
         "Per log-prob pass: the policy forward (with gradients), the old-policy pass (num_iterations > 1) and the",

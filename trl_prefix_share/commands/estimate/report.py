@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from trl_prefix_share.commands.estimate.memory import memory_lines
 from trl_prefix_share.commands.estimate.results import LengthStats, SavingsEstimate
 
 SPEEDUP_NOTE = (
@@ -79,6 +80,7 @@ def format_report(estimates: Sequence[SavingsEstimate], title: str) -> str:
         "tokens in one epoch (stock TRL: padded [2B, L] batches; unpadded: prompt twice; prefix-shared: ours, prefix",
         "trees; one-level: stock/ours when only a pair's own prompt is shared)",
         *_format_counts(estimates),
+        *memory_lines([(e.batch_size, e.memory) for e in estimates]),
         "",
         SPEEDUP_NOTE,
     ]

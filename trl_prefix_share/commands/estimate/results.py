@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from trl_prefix_share.commands.estimate.memory import MemoryEstimate
+
 
 @dataclass(frozen=True)
 class LengthStats:
@@ -66,6 +68,7 @@ class SavingsEstimate:
     pad_rows_to_multiple_of: int | None = None
     spliced_checked: int = 0
     group_by_prompt: bool = False
+    memory: MemoryEstimate | None = None  # predicted peak step memory, when the model's sizes were given
 
     @property
     def token_ratio(self) -> float:
@@ -93,6 +96,7 @@ class SavingsEstimate:
             one_level_ratio=self.one_level_ratio,
             sharing_ratio=self.sharing_ratio,
             speedup_range=self.speedup_range,
+            memory=None if self.memory is None else self.memory.to_dict(),
         )
         return data
 
