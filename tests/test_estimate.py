@@ -283,3 +283,44 @@ def test_online_estimate_arithmetic_and_command(tmp_path, capsys):
     assert "GRPO: one log-prob pass" in printed and "vs stock" in printed
     payload = json.loads(out.read_text())
     assert payload["trainer"] == "grpo" and payload["estimates"][0]["ratio"] > 1.0
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "grpo"])
+def test_estimate_command_predicts_peak_memory_from_the_models_config(trainer, model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from trl_prefix_share.commands.estimate.memory import ModelSizes
+
+    directory = model_dir("llama")
+    sizes = ModelSizes.from_pretrained(directory)  # read on the meta device: the same sizes as the loaded model
+    loaded = AutoModelForCausalLM.from_pretrained(directory)
+    assert sizes.parameters == sum(p.numel() for p in loaded.parameters())
+    assert sizes.vocab == loaded.config.vocab_size and sizes.layers == loaded.config.num_hidden_layers
+    assert sizes.layer_parameters == sum(p.numel() for p in loaded.model.layers[0].parameters())
+    out = tmp_path / "estimate.json"
+    argv = ["estimate", "--trainer", trainer, "--dataset", str(DATA / DATASETS["pandalm"]), "--limit", "32"]
+    argv += ["--tokenizer", str(TOKENIZER_DIR), "--model", directory, "--batch-size", "8", "--no-progress"]
+    main([*argv, "--max-completion-length", "32", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "peak step memory above the start (predicted; fp32 on CPU" in printed
+    memory = json.loads(out.read_text())["estimates"][0]["memory"]
+    assert memory["stock_mib"] > memory["ours_mib"] > 0 and memory["saving"] > 1
+    assert memory["stock_moment"] == "head"  # stock's head scores every padded position: that is its peak
+    without = ["estimate", "--trainer", trainer, "--dataset", str(DATA / DATASETS["pandalm"]), "--limit", "8"]
+    main([*without, "--tokenizer", str(TOKENIZER_DIR), "--no-progress"])
+    assert "peak step memory" not in capsys.readouterr().out  # no model: no memory claim
+
+
+def test_memory_phases_follow_the_step_sizes():
+    from trl_prefix_share.commands.estimate.memory import ModelSizes, StepSizes, phase_bytes
+
+    sizes = ModelSizes(10_000_000, 1_000_000, 50_000, 512, 1024, 4, 128, tied_embeddings=True)
+    small, scored, long = StepSizes(100, 10), StepSizes(100, 4000), StepSizes(50_000, 10)
+    assert max(phase_bytes(sizes, small), key=phase_bytes(sizes, small).get) == "end"
+    assert max(phase_bytes(sizes, scored), key=phase_bytes(sizes, scored).get) == "head"
+    assert max(phase_bytes(sizes, long), key=phase_bytes(sizes, long).get) == "layer"
+    # the head's tiles stop growing at TRL's token tile; the saved rows do not
+    capped = phase_bytes(sizes, StepSizes(100, 8192))["head"] - phase_bytes(sizes, StepSizes(100, 4096))["head"]
+    assert capped == pytest.approx(3 * 4096 * 512 * 4)
+    untied = ModelSizes(10_000_000, 1_000_000, 50_000, 512, 1024, 4, 128, tied_embeddings=False)
+    assert phase_bytes(untied, small)["end"] == 4 * 10_000_000

@@ -260,6 +260,7 @@ def run_sweep_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
     """`--sweep`: the scaling grid (its own table, JSON and plots)."""
     from trl_prefix_share.commands.bench.sweep import (
         SWEEP_KINDS,
+        SWEEP_VARIANTS,
         SweepSettings,
         format_sweep_table,
         plot_sweep,
@@ -271,6 +272,8 @@ def run_sweep_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--sweep runs {' and '.join(SWEEP_KINDS)}; got --trainer {' '.join(args.trainer)}")
     if "dpo" in args.trainer and any(n < 2 or n % 2 for n in args.completions):
         parser.error("--sweep with dpo: --completions must be even (n responses = n/2 pairs)")
+    if args.variants and not set(args.variants) <= set(SWEEP_VARIANTS):
+        parser.error(f"--sweep runs the variants {', '.join(SWEEP_VARIANTS)}; got {' '.join(args.variants)}")
     import datasets
     import torch
     import transformers
@@ -287,6 +290,7 @@ def run_sweep_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
         prompt_lengths=args.prompt_lengths,
         completions=args.completions,
         completion_length=args.completion_length,
+        variants=list(args.variants or SWEEP_VARIANTS),
         tokenizer=args.tokenizer,
         model=args.model,
         shape=shape_from(args),

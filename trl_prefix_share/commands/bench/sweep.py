@@ -509,6 +509,14 @@ def format_sweep_table(result: dict[str, Any]) -> str:
             f"{_figure(c['share_of_unpadded_limit'], ''):>9}{_figure(c['memory_ratio']):>8}"
             f"{_figure(c['predicted_token_ratio']):>10}{_figure(_predicted_saving(c)):>9}"
         )
+    errors = [
+        abs(c[key])
+        for c in result["cells"]
+        for key in ("memory_prediction_error_stock", "memory_prediction_error_ours", "memory_prediction_error")
+        if c.get(key) is not None
+    ]
+    if errors:
+        lines.append(f"memory prediction (stock, ours, their ratio): at most {max(errors):.1%} off the measured peaks")
     lines.append(
         "token limit: stock tokens / ours; unpadded: packed-unshared tokens / ours; alone: unshared s/step / ours; "
         "memory: stock's peak above the warm-up state / ours; estimate: the estimator's predicted token limit; "
