@@ -3,11 +3,12 @@
 A grid of cells (prompt length L x completions per prompt n), for DPO (n responses to one prompt, trained as n/2
 pairs; ours groups them by prompt) and GRPO (G = n completions), each cell run by stock TRL, by our packed but unshared
 layout (`share_prefix=False`: the padding-free baseline) and by ours. Per cell and variant: seconds per timed step,
-peak memory above the state after the warm-up step (activations and gradients: the part that scales with tokens),
+peak memory above the state after the warm-up step (activations and gradients: the part that scales with tokens;
+on CPU torch's exact allocation peak, `measure.AllocationPeak`),
 the tokens of a step, and the status (`ok`, `out of memory`, `over time cap`, or `skipped`: the same variant already
 went over the cap at a shorter prompt). Per cell: the token limit (stock / ours), the unpadded limit (unshared /
-ours), the speed-ups, how much of the limits they reach, and the estimator's predicted token ratio next to the
-measured one.
+ours), the speed-ups, how much of the limits they reach, and the estimator's predictions next to the measured
+figures: the token ratio, and (CPU, gradient checkpointing) the peak memories of stock and ours (`estimate.memory`).
 
 Data, synthetic from real text: one stream of tokens of UltraFeedback's responses (the shared data), from which each
 prompt takes L consecutive tokens and each completion R tokens (decoded to text, so the trainers tokenize them as
