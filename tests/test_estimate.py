@@ -11,6 +11,7 @@ import tempfile
 
 import numpy as np
 import pytest
+import torch
 from conftest import DATA, DATASETS, TOKENIZER_DIR, conversational, load_dataset_rows, read_jsonl
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -297,6 +298,8 @@ def test_estimate_command_predicts_peak_memory_from_the_models_config(trainer, m
     assert sizes.parameters == sum(p.numel() for p in loaded.parameters())
     assert sizes.vocab == loaded.config.vocab_size and sizes.layers == loaded.config.num_hidden_layers
     assert sizes.layer_parameters == sum(p.numel() for p in loaded.model.layers[0].parameters())
+    loaded.extra_blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3 * sizes.layers))
+    assert ModelSizes.from_model(loaded).layers == loaded.config.num_hidden_layers  # the decoder's, not the longest
     out = tmp_path / "estimate.json"
     argv = ["estimate", "--trainer", trainer, "--dataset", str(DATA / DATASETS["pandalm"]), "--limit", "32"]
     argv += ["--tokenizer", str(TOKENIZER_DIR), "--model", directory, "--batch-size", "8", "--no-progress"]

@@ -224,7 +224,8 @@ def count_tokens(
         raise ValueError("group_by_prompt needs pairs from `tokenize_pairs` (their prompt keys and digests)")
     stock_order = sampler_order(len(pairs), shuffle, seed)
     order = _batch_order(pairs, batch_size, shuffle, seed, group_by_prompt)
-    stock_batches = _stock_batches(pairs, stock_order, batch_size, pad_to_multiple_of)
+    stock_rows, stock_widths = _stock_shapes(pairs, stock_order, batch_size, pad_to_multiple_of)
+    stock_batches = stock_rows * stock_widths
     trees = prefix_tree and pairs.prompt_tokens is not None
     ours_batches, one_level_batches, ours_steps = [], [], []
     for start in range(0, len(order), batch_size):
@@ -250,8 +251,7 @@ def count_tokens(
     ours = np.asarray(ours_batches, dtype=np.int64)
     memory = None
     if model is not None:
-        stock_shapes = _stock_shapes(pairs, stock_order, batch_size, pad_to_multiple_of)
-        memory = estimate_memory(model, stock_steps(*stock_shapes), ours_steps)
+        memory = estimate_memory(model, stock_steps(stock_rows, stock_widths), ours_steps)
     # Per step, as the trainer logs it: stock's padding of the batch ours trains on.
     same_batches = _stock_batches(pairs, order, batch_size, pad_to_multiple_of) if group_by_prompt else stock_batches
     ratios = same_batches / ours if len(ours) else []

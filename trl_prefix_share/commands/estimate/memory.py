@@ -75,7 +75,10 @@ class ModelSizes:
 
         config = model.config.get_text_config()
         layer_lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-        decoder_layers = max(layer_lists, key=len) if layer_lists else []
+        # The decoder's layers: the list as long as the text config says (a vision tower's or experts' list may be
+        # longer), else the longest.
+        matching = [m for m in layer_lists if len(m) == getattr(config, "num_hidden_layers", None)]
+        decoder_layers = matching[0] if matching else max(layer_lists, key=len) if layer_lists else []
         layer_parameters = max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers), default=0)
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
