@@ -135,7 +135,8 @@ def test_compiled_flex_softcap_and_sinks_match_the_explicit_kernel():
 @pytest.mark.parametrize("family", ["qwen3_5_text", "nemotron_h"])
 def test_hybrid_flex_kernel_fp32_matches_stock(family, tokenizer, tmp_path):
     """Hybrids on CUDA: FlexAttention for the attention layers, the segmented mixers (transformers' CUDA kernels
-    where installed, which take the handed-in states too) for the others. Gradients below 1e-2 of the largest are
+    where installed, which take the handed-in states too; Qwen3.5's gated delta rule through fla's variable-length
+    kernel when fla is installed, as `make gpu-check` does) for the others. Gradients below 1e-2 of the largest are
     held against that floor: the scans round in float32 and chunk a packed sequence differently (see
     tests/test_hybrid_mixers.py)."""
     from test_hybrid_mixers import FAMILIES, SMALL
@@ -156,6 +157,10 @@ def test_hybrid_flex_kernel_fp32_matches_stock(family, tokenizer, tmp_path):
     _, stock_loss, stock_grads = run(DPOTrainer, str(tmp_path), tokenizer, rows, bf16=False)
     ours, our_loss, our_grads = run(PrefixSharedDPOTrainer, str(tmp_path), tokenizer, rows, bf16=False)
     assert ours.prefix_share_kernel == "flex" and ours.prefix_share_fallback is None
+    from trl_prefix_share.core.mixers import varlen
+
+    if family == "qwen3_5_text" and varlen.installed_fla_kernel() is not None:  # fla's variable-length kernel ran
+        assert [check.passed for check in varlen.varlen_checks().values()] == [True]
     assert relative_difference(our_loss, stock_loss) <= 10 * RELATIVE_TOLERANCE
     floor = 1e-2 * max(grad.norm().item() for grad in stock_grads.values())
     for name, expected in stock_grads.items():
@@ -183,3 +188,48 @@ def test_vision_flex_kernel_fp32_matches_stock(family):
     for name, expected in stock_grads.items():
         if not re.search(ZERO_GRADIENTS, name):  # zero in exact arithmetic: noise on both sides
             assert relative_difference(our_grads[name], expected) <= 10 * RELATIVE_TOLERANCE, name
+
+
+def test_fla_variable_length_kernel_matches_the_torch_kernel():
+    """flash-linear-attention's variable-length gated delta rule (when installed) on a packed layout with prefixes,
+    branches, an unshared document and row padding: outputs and gradients against the torch ragged kernel, fp32, and
+    the first-call check that guards it (which must fail for a kernel whose boundaries are dropped)."""
+    from test_varlen_kernel import tree_plan
+
+    from trl_prefix_share.core.mixers import ragged_kernels, varlen
+
+    kernel = varlen.installed_fla_kernel()
+    if kernel is None:
+        pytest.skip("flash-linear-attention is not installed (requirements/fla.txt)")
+    plan, document_ids = tree_plan()
+    device = torch.device("cuda")
+    generator = torch.Generator(device).manual_seed(0)
+    tokens = document_ids.numel()
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, device=device)).requires_grad_()
+
+    inputs = [randn(1, tokens, 2, 16), randn(1, tokens, 2, 16), randn(1, tokens, 4, 16)]
+    inputs += [(-torch.rand(1, tokens, 4, generator=generator, device=device)).requires_grad_()]
+    inputs += [torch.rand(1, tokens, 4, generator=generator, device=device).requires_grad_()]
+    weights = torch.randn(1, tokens, 4, 16, generator=generator, device=device)
+    expected = ragged_kernels.ragged_gated_delta_rule(*inputs, plan.chunk_schedule(device), use_qk_l2norm=True)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    got = varlen.varlen_gated_delta_rule(kernel, *inputs, plan.varlen_levels(device), use_qk_l2norm=True)
+    got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+    assert relative_difference(got, expected) <= 1e-3
+    for grad, expected_grad in zip(got_grads, expected_grads, strict=True):
+        assert relative_difference(grad, expected_grad) <= 1e-3
+    assert got[0, document_ids.reshape(-1).to(device) < 0].abs().max() == 0
+
+    def without_boundaries(*args, cu_seqlens=None, initial_state=None, **kwargs):
+        out, final = kernel(*args, cu_seqlens=cu_seqlens[[0, -1]], initial_state=None, **kwargs)
+        return out, final.expand(len(cu_seqlens) - 1, *final.shape[1:]).contiguous()
+
+    varlen._CHECKS.clear()
+    detached = [x.detach() for x in inputs]
+    varlen.checked_varlen_gated_delta_rule(without_boundaries, plan, *detached, use_qk_l2norm=True)
+    varlen.checked_varlen_gated_delta_rule(kernel, plan, *detached, use_qk_l2norm=True)
+    checks = varlen.varlen_checks()
+    assert not checks[(without_boundaries, torch.float32)].passed
+    assert checks[(kernel, torch.float32)].passed, checks

@@ -5,7 +5,8 @@ the scan compute padded slots, and sharing cuts documents into more, shorter seg
 mixer's forward runs once on ``[1, N, hidden]``, all packed tokens end to end: its projections, gates and norms see
 only real tokens, and the two calls in it that carry state along the sequence, the causal convolution helper and the
 chunked scan (the gated delta rule, or Mamba2's selective scan), are replaced for this call only by ragged versions
-(`ragged_kernels`) that keep every segment to itself and start each branch from its prefix's state (`ragged_plan`).
+(`ragged_kernels`) that keep every segment to itself and start each branch from its prefix's state (`ragged_plan`);
+on CUDA with flash-linear-attention installed, the gated delta rule goes to its variable-length kernel (`varlen`).
 
 Which calls those are is read from the forward's code (`ragged_recipe`): the convolution helper is the function it
 calls that reaches ``update_conv_state``; the scan is the called name ending in ``chunk_gated_delta_rule`` or
@@ -35,6 +36,7 @@ from trl_prefix_share.core.code_reading import body_calls, called_name, function
 from trl_prefix_share.core.mixers.kinds import class_verdict
 from trl_prefix_share.core.mixers.ragged_kernels import ragged_causal_conv, ragged_gated_delta_rule, ragged_mamba2_scan
 from trl_prefix_share.core.mixers.ragged_plan import DELTA_CHUNK, RaggedPlan
+from trl_prefix_share.core.mixers.varlen import checked_varlen_gated_delta_rule, varlen_kernel_for
 
 #: Mixer kinds whose state lives in a convolution helper and (gated delta, Mamba2) one chunked scan.
 RAGGED_KINDS = ("short_conv", "gated_delta", "mamba2")
@@ -273,6 +275,12 @@ def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: Ragge
         calls["scan"] += 1
         if initial_state is not None or cu_seqlens is not None or extra.get("seq_idx") is not None:
             raise RaggedUnsupported("the scan was handed a state or sequence boundaries of its own")
+        kernel = varlen_kernel_for(query.device)
+        if kernel is not None:
+            scanned = checked_varlen_gated_delta_rule(
+                kernel, plan, query, key, value, g, beta, use_qk_l2norm_in_kernel, scale, chunk_size
+            )
+            return scanned, None
         schedule = plan.chunk_schedule(query.device, chunk_size)
         return ragged_gated_delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm_in_kernel, scale), None
 

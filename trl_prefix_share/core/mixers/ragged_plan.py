@@ -61,6 +61,21 @@ class ChunkSchedule:
     parent_rank: tuple[torch.Tensor, ...]
 
 
+@dataclass(frozen=True)
+class VarlenLevels:
+    """The segments of one packed layout by tree depth, for a variable-length kernel (one call per depth).
+
+    Attributes:
+        tokens: per depth, the flat token indices of its segments laid end to end (segments in flat order).
+        cu_seqlens: per depth, ``[segments + 1]`` cumulative lengths of those segments.
+        parent_rank: per depth (depth 0: empty), each segment's parent's position among the previous depth's segments.
+    """
+
+    tokens: tuple[torch.Tensor, ...]
+    cu_seqlens: tuple[torch.Tensor, ...]
+    parent_rank: tuple[torch.Tensor, ...]
+
+
 @dataclass
 class RaggedPlan:
     """The segments of one packed layout in flat token order (on the CPU): ``starts``, ``lengths`` and ``parents``
@@ -90,6 +105,18 @@ class RaggedPlan:
                 schedule.steps,
                 schedule.level_sizes,
                 tuple(rank.to(device) for rank in schedule.parent_rank),
+            )
+        return self._built[key]
+
+    def varlen_levels(self, device: torch.device) -> VarlenLevels:
+        key = ("varlen", str(device))
+        if key not in self._built:
+            levels = _varlen_levels(self)
+            self._built[key] = VarlenLevels(
+                *(
+                    tuple(t.to(device) for t in field)
+                    for field in (levels.tokens, levels.cu_seqlens, levels.parent_rank)
+                )
             )
         return self._built[key]
 
@@ -137,6 +164,23 @@ def _depths(parents: torch.Tensor) -> torch.Tensor:
         if parent >= 0:
             depth[index] = depth[parent] + 1
     return depth
+
+
+def _varlen_levels(plan: RaggedPlan) -> VarlenLevels:
+    depth = _depths(plan.parents)
+    rank = torch.empty_like(plan.lengths)
+    tokens, cu_seqlens, parent_rank = [], [], []
+    for level in range(int(depth.max()) + 1 if len(depth) else 0):
+        members = (depth == level).nonzero().squeeze(1)
+        rank[members] = torch.arange(len(members))
+        lengths = plan.lengths[members]
+        ends = torch.cumsum(lengths, 0)
+        segment = torch.repeat_interleave(torch.arange(len(members)), lengths)
+        local = torch.arange(int(ends[-1])) - (ends - lengths)[segment]
+        tokens.append(plan.starts[members][segment] + local)
+        cu_seqlens.append(torch.cat([ends.new_zeros(1), ends]))
+        parent_rank.append(rank[plan.parents[members]] if level else torch.zeros(0, dtype=torch.long))
+    return VarlenLevels(tuple(tokens), tuple(cu_seqlens), tuple(parent_rank))
 
 
 def _chunk_schedule(plan: RaggedPlan, chunk: int) -> ChunkSchedule:
