@@ -83,9 +83,10 @@ bench: $(STAMP)
 	$(BIN)/trl-prefix-share bench
 
 # On a CUDA machine (bring its torch: `make TORCH= gpu-check`): flash-linear-attention (requirements/fla.txt, for the
-# gated-delta mixers' variable-length kernel), the GPU tests, the scaling sweep's CUDA grid (2k and 16k-token prompts, 16 completions, DPO and GRPO, each run capped at 20 s + 1.5x) and the GPU benchmark (bf16,
-# FlexAttention, a Qwen2.5-0.5B-shaped model, stock vs packed-unshared vs ours on hh_harmless and ultrafeedback),
-# sized for under 8 minutes; figures land in gpu-check/ (bench_dpo_gpu.json, logs).
+# gated-delta mixers' variable-length kernel), the GPU tests, the scaling sweep's CUDA grid (2k and 16k-token prompts,
+# 16 completions, DPO and GRPO, each run capped at 20 s + 1.5x) and the GPU benchmark (bf16, FlexAttention, a
+# Qwen2.5-0.5B-shaped model, stock vs packed-unshared vs ours on hh_harmless and ultrafeedback), sized for under 8
+# minutes; figures land in gpu-check/ (bench_dpo_gpu.json, logs).
 gpu-check: $(STAMP)
 	mkdir -p gpu-check
 	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA device')"
