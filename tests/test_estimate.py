@@ -327,3 +327,51 @@ def test_memory_phases_follow_the_step_sizes():
     assert capped == pytest.approx(3 * 4096 * 512 * 4)
     untied = ModelSizes(10_000_000, 1_000_000, 50_000, 512, 1024, 4, 128, tied_embeddings=False)
     assert phase_bytes(untied, small)["end"] == 4 * 10_000_000
+
+
+def test_forward_work_counts_what_torch_computes():
+    """The body's, the attention's and the head's multiply-adds against torch's own flop counter on a real forward
+    (eager attention, which computes the full square of scores: the counter sees ``T^2`` pairs there)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trl_prefix_share.commands.estimate.memory import ModelSizes
+    from trl_prefix_share.commands.estimate.work import StepWork, forward_flops
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    sizes = ModelSizes.from_model(model)
+    tokens = 50
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, 1000, (1, tokens)))
+    expected = forward_flops(sizes, StepWork(tokens, tokens * tokens, tokens))
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
+
+
+def test_compute_limit_counts_the_heads_work_that_sharing_keeps():
+    """Sharing removes prompt tokens and pairs, never a scored position: with no head the compute limit is the token
+    ratio (attention aside); a vocabulary's head pulls it towards 1; attention alone gives the ratio of attended
+    pairs, below the token ratio (every branch still attends to the whole prompt)."""
+    from trl_prefix_share.commands.estimate.memory import ModelSizes
+    from trl_prefix_share.commands.estimate.work import compute_limit, prompt_group_work
+
+    shared, unshared = prompt_group_work(100, [10, 20], shared=True), prompt_group_work(100, [10, 20], shared=False)
+    assert (shared.tokens, unshared.tokens, shared.scored, unshared.scored) == (130, 230, 30, 30)
+    assert shared.attended_pairs == 5050 + 10 * 100 + 55 + 20 * 100 + 210
+    assert unshared.attended_pairs == 110 * 111 // 2 + 120 * 121 // 2
+    bodies = ModelSizes(0, 1_000_000, 1, 64, 128, 4, 64, tied_embeddings=False, query_width=1)
+    assert compute_limit(bodies, [(100, [10, 20])]) == pytest.approx(230 / 130, rel=1e-3)
+    with_head = ModelSizes(0, 1_000_000, 50_000, 512, 128, 4, 64, tied_embeddings=False)
+    assert 1 < compute_limit(with_head, [(100, [10, 20])]) < 230 / 130 - 0.2
+    attention = ModelSizes(0, 0, 0, 64, 128, 4, 64, tied_embeddings=False, query_width=4096)
+    pairs = [prompt_group_work(4096, [32] * 8, shared=s).attended_pairs for s in (False, True)]
+    assert compute_limit(attention, [(4096, [32] * 8)]) == pytest.approx(pairs[0] / pairs[1])
+    assert pairs[0] / pairs[1] < 8 * 4128 / (4096 + 8 * 32)  # branches attend to the whole prompt

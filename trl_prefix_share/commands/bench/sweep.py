@@ -7,7 +7,9 @@ peak memory above the state after the warm-up step (activations and gradients: t
 on CPU torch's exact allocation peak, `measure.AllocationPeak`),
 the tokens of a step, and the status (`ok`, `out of memory`, `over time cap`, or `skipped`: the same variant already
 went over the cap at a shorter prompt). Per cell: the token limit (stock / ours), the unpadded limit (unshared /
-ours), the speed-ups, how much of the limits they reach, and the estimator's predictions next to the measured
+ours), the compute limit (packed-unshared's forward multiply-adds / ours, `estimate.work`: the LM head's work per
+scored position is the same in both layouts, so the token limit overstates what sharing can buy where the head
+weighs), the speed-ups, how much of the limits they reach, and the estimator's predictions next to the measured
 figures: the token ratio, and (CPU, gradient checkpointing) the peak memories of stock and ours (`estimate.memory`).
 
 Data, synthetic from real text: one stream of tokens of UltraFeedback's responses (the shared data), from which each
@@ -51,6 +53,7 @@ from trl_prefix_share.commands.bench.measure import (
 from trl_prefix_share.commands.bench.models import PRESETS, ModelShape, build_model_dir
 from trl_prefix_share.commands.bench.runner import environment
 from trl_prefix_share.commands.estimate.memory import MemoryEstimate, ModelSizes
+from trl_prefix_share.commands.estimate.work import compute_limit
 
 SWEEP_KINDS = ("dpo", "grpo")
 SWEEP_VARIANTS = ("stock", "unshared", "ours")
@@ -373,6 +376,19 @@ def cell_prediction(settings: SweepSettings, kind: str, tokenizer, texts, model:
     return estimate.token_ratio, estimate.memory
 
 
+def cell_compute_limit(tokenizer, texts, model: ModelSizes) -> float:
+    """The most sharing can speed the cell's forward and backward up over packed-unshared: their multiply-adds'
+    ratio (`estimate.work`), padding-free, from the cell's prompts and completions as tokenized."""
+    groups = [
+        (
+            len(tokenizer(prompt)["input_ids"]),
+            [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in responses],
+        )
+        for prompt, responses in texts
+    ]
+    return compute_limit(model, groups)
+
+
 def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
     """Every cell of the grid; the variants of a cell run one after the other on the same model and data."""
     tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
@@ -383,7 +399,7 @@ def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
     # The memory prediction models fp32 on a device without Triton (stock's head scores every padded position) with
     # gradient checkpointing: other cells get none.
     predictable = settings.resolved_device().type == "cpu" and settings.gradient_checkpointing
-    sizes = ModelSizes.from_pretrained(model) if predictable else None
+    sizes = ModelSizes.from_pretrained(model)
     needed = max(settings.prompt_lengths) * 4 + max(settings.completions) * settings.completion_length * 4
     stream = TextStream(tokenizer, needed_tokens=needed)
     runs: list[SweepRun] = []
@@ -411,7 +427,8 @@ def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
                 if counted is not None:
                     cell_runs["stock"].tokens_per_step = counted.stock_tokens_per_step
             runs.extend(cell_runs.values())
-            cells.append(summarize_cell(cell_runs, *cell_prediction(settings, kind, tokenizer, texts, sizes)))
+            predicted = cell_prediction(settings, kind, tokenizer, texts, sizes if predictable else None)
+            cells.append(summarize_cell(cell_runs, *predicted, cell_compute_limit(tokenizer, texts, sizes)))
     return {"settings": _settings_dict(settings), "environment": environment(settings), "cells": cells, "runs": runs}
 
 
@@ -420,10 +437,14 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def summarize_cell(
-    runs: dict[str, SweepRun], predicted: float | None, memory_prediction: MemoryEstimate | None = None
+    runs: dict[str, SweepRun],
+    predicted: float | None,
+    memory_prediction: MemoryEstimate | None = None,
+    compute: float | None = None,
 ) -> dict[str, Any]:
-    """The cell's limits, speed-ups, shares of the limits, memory ratio and the estimator's prediction errors (token
-    ratio; peak memory of stock, of ours and their ratio)."""
+    """The cell's limits (``compute``: the compute limit of sharing over packed-unshared), speed-ups, shares of the
+    limits, memory ratio and the estimator's prediction errors (token ratio; peak memory of stock, of ours and their
+    ratio)."""
     any_run = next(iter(runs.values()))
     stock, unshared, ours = (runs.get(v) for v in SWEEP_VARIANTS)
 
@@ -455,6 +476,8 @@ def summarize_cell(
         "share_of_token_limit": _ratio(speedup, token_limit),
         "sharing_alone": sharing_alone,
         "share_of_unpadded_limit": _ratio(sharing_alone, unpadded_limit),
+        "compute_limit": compute,
+        "share_of_compute_limit": _ratio(sharing_alone, compute),
         "memory_ratio": memory_ratio,
         # target: ours <= 1.1 x stock / token ratio, i.e. memory_ratio >= token_limit / 1.1
         "memory_in_proportion": in_proportion,
@@ -499,7 +522,8 @@ def _figure(value: float | None, unit: str = "x") -> str:
 def format_sweep_table(result: dict[str, Any]) -> str:
     lines = [
         f"{'kind':<5}{'L':>7}{'n':>4}  {'status (stock/unshared/ours)':<32}{'token limit':>12}{'speed-up':>10}"
-        f"{'of limit':>9}{'unpadded':>10}{'alone':>8}{'of limit':>9}{'memory':>8}{'estimate':>10}",
+        f"{'of limit':>9}{'unpadded':>10}{'alone':>8}{'of limit':>9}{'compute':>9}{'of it':>7}{'memory':>8}"
+        f"{'estimate':>10}{'mem est':>9}",
     ]
     for c in result["cells"]:
         status = "/".join(c["status"].get(v, "-") for v in SWEEP_VARIANTS)
@@ -507,7 +531,8 @@ def format_sweep_table(result: dict[str, Any]) -> str:
             f"{c['kind']:<5}{c['prompt_length']:>7}{c['completions']:>4}  {status:<32}{_figure(c['token_limit']):>12}"
             f"{_figure(c['speedup']):>10}{_figure(c['share_of_token_limit'], ''):>9}"
             f"{_figure(c['unpadded_limit']):>10}{_figure(c['sharing_alone']):>8}"
-            f"{_figure(c['share_of_unpadded_limit'], ''):>9}{_figure(c['memory_ratio']):>8}"
+            f"{_figure(c['share_of_unpadded_limit'], ''):>9}{_figure(c.get('compute_limit')):>9}"
+            f"{_figure(c.get('share_of_compute_limit'), ''):>7}{_figure(c['memory_ratio']):>8}"
             f"{_figure(c['predicted_token_ratio']):>10}{_figure(_predicted_saving(c)):>9}"
         )
     errors = [
@@ -520,6 +545,7 @@ def format_sweep_table(result: dict[str, Any]) -> str:
         lines.append(f"memory prediction (stock, ours, their ratio): at most {max(errors):.1%} off the measured peaks")
     lines.append(
         "token limit: stock tokens / ours; unpadded: packed-unshared tokens / ours; alone: unshared s/step / ours; "
+        "compute: packed-unshared's forward multiply-adds / ours (the LM head's per scored position included); "
         "memory: stock's peak above the warm-up state / ours; estimate: the estimator's predicted token limit; "
         "mem est: its predicted memory ratio"
     )
@@ -552,6 +578,9 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
             line = sorted((c for c in cells if c["completions"] == n), key=lambda c: c["prompt_length"])
             xs = [c["prompt_length"] for c in line]
             speed.plot(xs, [c["token_limit"] for c in line], "--", color=colour, alpha=0.6)
+            compute = [(c["prompt_length"], c["compute_limit"]) for c in line if c.get("compute_limit")]
+            if compute:
+                speed.plot(*zip(*compute, strict=True), "-.", color=colour, alpha=0.4, lw=1)
             measured = [(c["prompt_length"], c["speedup"]) for c in line if c["speedup"] is not None]
             if measured:
                 speed.plot(*zip(*measured, strict=True), "o-", color=colour, label=f"n = {n}: ours vs stock")
@@ -563,7 +592,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
                     speed.plot(c["prompt_length"], c["token_limit"], "x", color=colour, ms=9)
         speed.set_xscale("log", base=2)
         speed.set_xlabel("prompt tokens")
-        speed.set_ylabel("speed-up over stock TRL (dashed: token limit)")
+        speed.set_ylabel("speed-up (dashed: token limit; dash-dot: compute limit over unshared)")
         speed.set_title(f"{kind.upper()}: speed-up vs prompt length (x: stock over the cap or out of memory)")
         if speed.get_legend_handles_labels()[0]:
             speed.legend(fontsize=8)

@@ -67,6 +67,11 @@ class ModelSizes:
     kv_width: int  # key (and value) values per token: KV heads x head dim
     tied_embeddings: bool
     bytes_per_value: int = 4
+    query_width: int = 0  # query values per token (attention heads x head dim); 0: the hidden width
+
+    def __post_init__(self) -> None:
+        if not self.query_width:
+            object.__setattr__(self, "query_width", self.hidden)
 
     @classmethod
     def from_model(cls, model: Any) -> ModelSizes:
@@ -94,6 +99,7 @@ class ModelSizes:
             layers=len(decoder_layers),
             kv_width=kv_heads * head_dim,
             tied_embeddings=tied,
+            query_width=heads * head_dim,
         )
 
     @classmethod
