@@ -26,9 +26,10 @@ from equivalence import (
 )
 from test_model_registry import FAMILY_FIELDS
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.kimi_linear import modeling_kimi_linear
 from transformers.models.lfm2 import modeling_lfm2
 
-from trl_prefix_share.core.mixers import ragged_kernels, segmented
+from trl_prefix_share.core.mixers import ragged, ragged_kernels, segmented
 from trl_prefix_share.core.mixers.kinds import left_padding_keeps_zero_state, mixer_verdict
 from trl_prefix_share.core.mixers.ragged_plan import build_ragged_plan
 from trl_prefix_share.core.mixers.segments import build_segments
@@ -158,8 +159,13 @@ def dpo_pair(saved, family, tokenizer, rows, **config):
 #: Mamba2 mixers call the scan helper that takes the mixer (`mamba2_scan_forward`) from transformers 5.25 on, the
 #: release that also brought the shared convolution helper; before, they scan inline and stay on the padded run.
 MAMBA2_UNPADDED = causal_conv1d_forward is not None
-RAGGED = {"lfm2", "lfm2_biased", "qwen3_5_text", "qwen3_next"} | (
-    {"nemotron_h", "granitemoehybrid", "falcon_h1"} if MAMBA2_UNPADDED else set()
+#: Kimi delta attention (a decay per key channel) takes the unpadded run where its forward calls the convolution
+#: helper as the others do (5.25 on); read from the tested release, pinned on the lock's below.
+KIMI_UNPADDED = isinstance(ragged.ragged_recipe(modeling_kimi_linear.KimiLinearDeltaAttention), ragged.RaggedRecipe)
+RAGGED = (
+    {"lfm2", "lfm2_biased", "qwen3_5_text", "qwen3_next"}
+    | ({"nemotron_h", "granitemoehybrid", "falcon_h1"} if MAMBA2_UNPADDED else set())
+    | ({"kimi_linear"} if KIMI_UNPADDED else set())
 )
 
 
@@ -180,9 +186,9 @@ def count_runs(monkeypatch) -> dict[str, int]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dpo_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
     """Convolution, gated-delta and Mamba2 mixers on the packed tokens (no padding, prefix trees on hh's short
-    template heads: a minimum of 2 shared tokens, so the batch is one tree of depth 2 or more); Kimi delta attention
-    in padded calls (one-level layouts): prefixes of several lengths left-padded (bias-free mixers) or grouped by
-    length (biased ones)."""
+    template heads: a minimum of 2 shared tokens, so the batch is one tree of depth 2 or more), Kimi delta attention
+    too from transformers 5.25; mixers on the padded run (one-level layouts): prefixes of several lengths left-padded
+    (bias-free mixers) or grouped by length (biased ones)."""
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows, prefix_tree_min_shared_tokens=2)
     assert ours.prefix_share_packing.prefix_tree == (family in RAGGED)  # trees need the unpadded run
     runs = count_runs(monkeypatch)
@@ -231,7 +237,10 @@ def test_a_prefix_tree_matches_stock(saved, tokenizer, monkeypatch):
 
 @pytest.mark.parametrize(
     ("family", "run"),
-    [("nemotron_h", "run_ragged" if MAMBA2_UNPADDED else "run_segmented"), ("kimi_linear", "run_segmented")],
+    [
+        ("nemotron_h", "run_ragged" if MAMBA2_UNPADDED else "run_segmented"),
+        ("kimi_linear", "run_ragged" if KIMI_UNPADDED else "run_segmented"),
+    ],
 )
 def test_gradient_checkpointing_recomputes_the_segmented_mixers(family, run, saved, tokenizer, hh_rows, monkeypatch):
     """The layout reaches each mixer through the layer's keyword arguments, which checkpointing replays (the ragged
@@ -279,6 +288,23 @@ def ragged_without_boundaries(document_ids, branch_ids, span_ends):
     return build_ragged_plan(real - 1, torch.zeros_like(branch_ids).masked_fill(real == 0, -1), one_run)
 
 
+def force_padded_run(monkeypatch) -> None:
+    """Keep every mixer on the padded run (as a forward the unpadded run cannot read would be)."""
+    monkeypatch.setattr(ragged, "ragged_recipe", lambda cls: f"{cls.__name__}: kept on the padded run (test)")
+
+
+@pytest.mark.parametrize("family", ["kimi_linear", "qwen3_5_text"])
+def test_the_padded_run_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
+    """The padded run, which serves any mixer the unpadded run cannot read, on a per-channel (Kimi) and a per-head
+    (gated delta) decay: stock's loss, gradients and metrics, and no tree layouts."""
+    force_padded_run(monkeypatch)
+    stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
+    assert not ours.prefix_share_packing.prefix_tree
+    runs = count_runs(monkeypatch)
+    compare(stock, ours, first_batch(stock, 4), first_batch(ours, 4))
+    assert runs["run_segmented"] > 0 and runs["run_ragged"] == 0
+
+
 def slow_decay(model: torch.nn.Module) -> None:
     """Mamba2 mixers with a decay rate near zero (``A = -exp(-4)``): a leaked state then lasts through a whole prompt
     instead of fading within tens of tokens, so the planted faults show in the loss."""
@@ -291,6 +317,13 @@ def slow_decay(model: torch.nn.Module) -> None:
     ("family", "target", "faults", "least"),
     [
         ("kimi_linear", "build_segments", [without_prefix_state], 1e-2),
+        pytest.param(
+            "kimi_linear",
+            "build_ragged_plan",
+            [ragged_without_prefix_state, ragged_without_boundaries],
+            1e-2,
+            marks=pytest.mark.skipif(not KIMI_UNPADDED, reason="Kimi delta takes the padded run before 5.25"),
+        ),
         ("qwen3_5_text", "build_ragged_plan", [ragged_without_prefix_state, ragged_without_boundaries], 1e-2),
         pytest.param(
             "nemotron_h",
@@ -310,6 +343,7 @@ def slow_decay(model: torch.nn.Module) -> None:
     ],
     ids=[
         "padded-kimi-delta",
+        "ragged-kimi-delta",
         "ragged-gated-delta",
         "ragged-mamba2-state",
         "ragged-mamba2-boundaries",
@@ -325,6 +359,8 @@ def test_a_lost_state_or_boundary_is_caught(family, target, faults, least, saved
     1.3e-3 (50x the tolerance asked), a branch that loses its prefix's state by > 1e-2."""
     from equivalence import loss_and_grads
 
+    if target == "build_segments":
+        force_padded_run(monkeypatch)
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows)
     for trainer in (stock, ours) if KINDS[family] == "mamba2" else ():
         slow_decay(trainer.model)  # both policies alike (their reference models keep the saved weights)
@@ -366,7 +402,8 @@ def test_mixer_kinds_are_read_from_their_code():
 
 def test_the_unpadded_run_is_read_from_the_forward():
     """Convolution, gated-delta and Mamba2 forwards of the tested releases take the unpadded run (Mamba2's fused
-    kernel call answered None); Kimi delta attention stays padded; a forward with a call that mixes along time, or an
+    kernel call answered None), Kimi delta attention too (its forget gate read as per-token code); a forward with a
+    call that mixes along time, or an
     instance whose projection was swapped for a convolution, stays on the padded run with the reason named."""
     from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
     from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
@@ -386,7 +423,10 @@ def test_the_unpadded_run_is_read_from_the_forward():
         assert isinstance(recipe, RaggedRecipe), recipe
         assert recipe.scan_kernel == "mamba2_scan_forward"
         assert recipe.fused == ("mamba2_split_conv1d_scan_combined",)  # answered None: the torch path runs
-    assert "serves short_conv, gated_delta, mamba2 mixers only" in ragged_recipe(KimiLinearDeltaAttention)
+    if causal_conv1d_forward is not None:  # 5.25 on: the convolution helper, as the others call it
+        kimi = ragged_recipe(KimiLinearDeltaAttention)
+        assert isinstance(kimi, RaggedRecipe) and kimi.scan_kernel == "chunk_kimi_delta_attention", kimi
+        assert "forget_gate" in kimi.submodules and kimi.refused == ("recurrent_kimi_delta_attention",)
 
     if causal_conv1d_forward is not None:  # transformers >= 5.25: the convolution helper that takes the module
 
@@ -459,6 +499,32 @@ def check_ragged_kernels_per_segment(plan, document_ids: torch.Tensor) -> None:
     if bool(padding.any()):
         assert scanned[0, padding].abs().max() == 0 and convolved[0, :, padding].abs().max() == 0
     check_ragged_mamba2_per_segment(plan, padding, randn)
+    check_ragged_kimi_per_segment(plan, padding, randn)
+
+
+def check_ragged_kimi_per_segment(plan, padding: torch.Tensor, randn) -> None:
+    """The ragged Kimi delta rule (a log decay per key channel) over ``plan`` against Kimi-Linear's own torch kernel
+    (float64) run on each segment alone from its parent's final state; padding gets zeros."""
+    tokens, heads, d_k, d_v = plan.num_tokens, 2, 8, 6
+    query, key, value = randn(1, tokens, heads, d_k), randn(1, tokens, heads, d_k), randn(1, tokens, heads, d_v)
+    decay = -torch.rand(1, tokens, heads, d_k, dtype=torch.float64)  # per channel, as its forget gate gives
+    beta = torch.rand(1, tokens, heads, dtype=torch.float64)
+    schedule = plan.chunk_schedule(torch.device("cpu"))
+    scanned = ragged_kernels.ragged_kimi_delta_rule(query, key, value, decay, beta, schedule, use_qk_l2norm=True)
+    final_states = {}
+    for segment, (start, length, parent) in enumerate(zip(plan.starts, plan.lengths, plan.parents, strict=True)):
+        run, parent = slice(int(start), int(start + length)), int(parent)
+        expected, final_states[segment] = modeling_kimi_linear.chunk_kimi_delta_attention(
+            *(x[:, run] for x in (query, key, value)),
+            g=decay[:, run],
+            beta=beta[:, run],
+            initial_state=final_states.get(parent),
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+        )
+        torch.testing.assert_close(scanned[:, run], expected, rtol=1e-12, atol=1e-12)
+    if bool(padding.any()):
+        assert scanned[0, padding].abs().max() == 0
 
 
 def check_ragged_mamba2_per_segment(plan, padding: torch.Tensor, randn) -> None:
@@ -495,8 +561,8 @@ def check_ragged_mamba2_per_segment(plan, padding: torch.Tensor, randn) -> None:
 
 
 def test_ragged_kernels_match_transformers_per_segment(monkeypatch):
-    """The ragged convolution, gated delta rule and Mamba2 scan over packed segments equal transformers' own torch
-    kernels (their source, in float64) run on each segment alone from its prefix's state: prefixes longer than one
+    """The ragged convolution, gated and Kimi delta rules and Mamba2 scan over packed segments equal transformers' own
+    torch kernels (their source, in float64) run on each segment alone from its prefix's state: prefixes longer than one
     chunk, a prefix shorter than the convolution's history, an unshared document, row padding."""
     import transformers.models.mamba2.modeling_mamba2 as mamba2
     import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
@@ -504,6 +570,7 @@ def test_ragged_kernels_match_transformers_per_segment(monkeypatch):
     monkeypatch.setattr(ragged_kernels, "COMPUTE_DTYPE", torch.float64)
     run_kernel_in_float64(monkeypatch, qwen3_5)
     run_kernel_in_float64(monkeypatch, mamba2, "mamba2_chunk_scan")
+    run_kernel_in_float64(monkeypatch, modeling_kimi_linear, "chunk_kimi_delta_attention")
     # row 0: prefix 70 + branches 5, 130; an unshared document of 3. row 1: prefix 2 + branch 66, then padding.
     document_ids = torch.full((2, 208), -1)
     branch_ids = torch.full((2, 208), -1)
@@ -527,6 +594,7 @@ def test_ragged_kernels_take_a_prefix_tree(monkeypatch):
     monkeypatch.setattr(ragged_kernels, "COMPUTE_DTYPE", torch.float64)
     run_kernel_in_float64(monkeypatch, qwen3_5)
     run_kernel_in_float64(monkeypatch, mamba2, "mamba2_chunk_scan")
+    run_kernel_in_float64(monkeypatch, modeling_kimi_linear, "chunk_kimi_delta_attention")
     generator = torch.Generator().manual_seed(3)
 
     def tokens(n):

@@ -448,8 +448,8 @@ def summarize_cell(
     any_run = next(iter(runs.values()))
     stock, unshared, ours = (runs.get(v) for v in SWEEP_VARIANTS)
 
-    def tokens(run):
-        return None if run is None else run.tokens_per_step
+    def tokens(run):  # a run stopped by the cap may have counted batches it never trained on (GRPO's rollouts)
+        return None if run is None or run.status != OK else run.tokens_per_step
 
     def seconds(run):
         return None if run is None or run.status != OK else run.seconds_per_step

@@ -34,12 +34,17 @@ import torch
 
 from trl_prefix_share.core.code_reading import body_calls, called_name, function_facts, plain_function, self_attribute
 from trl_prefix_share.core.mixers.kinds import class_verdict
-from trl_prefix_share.core.mixers.ragged_kernels import ragged_causal_conv, ragged_gated_delta_rule, ragged_mamba2_scan
+from trl_prefix_share.core.mixers.ragged_kernels import (
+    ragged_causal_conv,
+    ragged_gated_delta_rule,
+    ragged_kimi_delta_rule,
+    ragged_mamba2_scan,
+)
 from trl_prefix_share.core.mixers.ragged_plan import DELTA_CHUNK, RaggedPlan
 from trl_prefix_share.core.mixers.varlen import checked_varlen_gated_delta_rule, varlen_kernel_for
 
-#: Mixer kinds whose state lives in a convolution helper and (gated delta, Mamba2) one chunked scan.
-RAGGED_KINDS = ("short_conv", "gated_delta", "mamba2")
+#: Mixer kinds whose state lives in a convolution helper and (gated and Kimi delta, Mamba2) one chunked scan.
+RAGGED_KINDS = ("short_conv", "gated_delta", "kimi_delta", "mamba2")
 #: Methods a ragged forward may call besides the two calls it hands over: each acts on every token alone, only
 #: reshapes, or is a cache method (the ragged call passes no cache, so the forward skips those). A method named
 #: otherwise keeps the mixer on the padded run. Reductions (``max``, ``sum``, ``mean``, ...) are not here: called on
@@ -56,6 +61,8 @@ TOKENWISE_METHODS = frozenset(
         "has_previous_state",
         "sigmoid",
         "softplus",
+        "log",
+        "where",  # elementwise selection (``torch.where(condition, a, b)``), as a gate's overflow guard uses it
         "silu",
         "exp",
         "float",
@@ -82,7 +89,11 @@ TOKENWISE_FUNCTIONS = frozenset({"len", "min", "max", "range", "apply_mask_to_pa
 _ACTIVATIONS = (None, "silu", "swish")
 _SCAN_SUFFIX = "chunk_gated_delta_rule"
 _STEP_SUFFIX = "recurrent_gated_delta_rule"
+_KIMI_SCAN_SUFFIX = "chunk_kimi_delta_attention"
+_KIMI_STEP_SUFFIX = "recurrent_kimi_delta_attention"
 _MAMBA2_SCAN_SUFFIX = "mamba2_scan_forward"
+#: The scan each kind's forward calls (by the end of its name).
+_SCAN_OF_KIND = {"gated_delta": _SCAN_SUFFIX, "kimi_delta": _KIMI_SCAN_SUFFIX, "mamba2": _MAMBA2_SCAN_SUFFIX}
 #: A fused convolution + scan + norm + projection kernel: its torch fallback returns None (the forward then runs
 #: step by step); a loaded Hub kernel would scan the packed row without boundaries, so the ragged call answers None.
 _FUSED_SUFFIX = "split_conv1d_scan_combined"
@@ -142,11 +153,11 @@ def _read_calls(module_class: type, function: Any, found: dict, depth: int) -> N
         if global_name is None:
             raise RaggedUnsupported(f"{module_class.__name__} makes a call the ragged run cannot read")
         target = plain.__globals__.get(global_name) if plain is not None else None
-        if global_name.endswith((_SCAN_SUFFIX, _MAMBA2_SCAN_SUFFIX)):
+        if global_name.endswith(tuple(_SCAN_OF_KIND.values())):
             found["scan"].add(global_name)
         elif global_name.endswith(_FUSED_SUFFIX):
             found["fused"].add(global_name)
-        elif global_name.endswith((_STEP_SUFFIX, _CONV_STEP_SUFFIX)):
+        elif global_name.endswith((_STEP_SUFFIX, _KIMI_STEP_SUFFIX, _CONV_STEP_SUFFIX)):
             found["refused"].add(global_name)
         elif global_name.endswith(_CONV_KERNEL_SUFFIX):
             found["conv_kernel"].add(global_name)
@@ -177,12 +188,11 @@ def ragged_recipe(module_class: type) -> RaggedRecipe | str:
     convolutions = found["conv"] | found["conv_kernel"]
     if len(convolutions) != 1:
         return f"{module_class.__name__}: expected one convolution call, found {sorted(convolutions)}"
-    wants_scan = verdict.kind in ("gated_delta", "mamba2")
+    wants_scan = verdict.kind in _SCAN_OF_KIND
     if len(found["scan"]) != int(wants_scan):
         return f"{module_class.__name__}: expected {int(wants_scan)} chunked scan(s), found {sorted(found['scan'])}"
     scan = next(iter(found["scan"]), None)
-    expected_suffix = _MAMBA2_SCAN_SUFFIX if verdict.kind == "mamba2" else _SCAN_SUFFIX
-    if scan is not None and not scan.endswith(expected_suffix):
+    if scan is not None and not scan.endswith(_SCAN_OF_KIND[verdict.kind]):
         return f"{module_class.__name__}: a {verdict.kind} mixer calls the scan `{scan}`"
     return RaggedRecipe(
         next(iter(convolutions)),
@@ -209,7 +219,31 @@ def _acts_per_token(module: torch.nn.Module) -> bool:
         return True
     if any(isinstance(m, (*_POOLING_NORMS, torch.nn.Conv1d)) for m in base.modules()):
         return False
-    return "Norm" in type(base).__name__  # a model's own RMSNorm / gated RMSNorm over the features
+    if "Norm" in type(base).__name__:  # a model's own RMSNorm / gated RMSNorm over the features
+        return True
+    return _forward_is_tokenwise(base, depth=0)
+
+
+def _forward_is_tokenwise(module: torch.nn.Module, depth: int) -> bool:
+    """A module of the model's own (a gate) whose forward makes only per-token calls: `TOKENWISE_METHODS`,
+    `TOKENWISE_FUNCTIONS` and submodules that act per token themselves."""
+    calls = body_calls(type(module).forward)
+    if calls is None or depth >= _METHOD_DEPTH:
+        return False
+    for call in calls:
+        name = self_attribute(call)
+        if name is not None:
+            sub = getattr(module, name, None)
+            if not isinstance(sub, torch.nn.Module) or not (
+                _acts_per_token(sub) or _forward_is_tokenwise(sub, depth + 1)
+            ):
+                return False
+        elif isinstance(call.func, ast.Attribute):
+            if call.func.attr not in TOKENWISE_METHODS:
+                return False
+        elif called_name(call) not in TOKENWISE_FUNCTIONS:
+            return False
+    return True
 
 
 def instance_recipe(module: torch.nn.Module, original_forward: Any) -> RaggedRecipe | str:
@@ -243,6 +277,7 @@ def _depthwise(conv: torch.nn.Module) -> torch.nn.Conv1d:
 def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: RaggedPlan, recipe: RaggedRecipe, **kwargs):
     """The mixer's output for every packed position from one call of its forward over all packed tokens."""
     calls: Counter = Counter()
+    is_kimi = recipe.scan_kernel is not None and recipe.scan_kernel.endswith(_KIMI_SCAN_SUFFIX)
 
     def conv_helper(conv, inputs, *_args, activation=None, **_kwargs):
         calls["conv"] += 1
@@ -275,6 +310,11 @@ def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: Ragge
         calls["scan"] += 1
         if initial_state is not None or cu_seqlens is not None or extra.get("seq_idx") is not None:
             raise RaggedUnsupported("the scan was handed a state or sequence boundaries of its own")
+        if is_kimi:  # its torch path and fla's take no scale: the kernel's d_k ** -0.5
+            if scale is not None:
+                raise RaggedUnsupported("the Kimi delta scan was handed a scale")
+            schedule = plan.chunk_schedule(query.device, chunk_size)
+            return ragged_kimi_delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm_in_kernel), None
         kernel = varlen_kernel_for(query.device)
         if kernel is not None:
             scanned = checked_varlen_gated_delta_rule(

@@ -75,6 +75,27 @@ def ragged_gated_delta_rule(
     d_v]``, log decays ``g`` and write strengths ``beta`` ``[1, N, H_v]``, every segment of ``schedule`` scanned from
     its own initial state. Key heads serve ``H_v / H_k`` consecutive value heads each; ``scale`` defaults to
     ``d_k ** -0.5``; tokens in no segment get zeros."""
+    return _delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm, scale)
+
+
+def ragged_kimi_delta_rule(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    schedule: ChunkSchedule,
+    use_qk_l2norm: bool,
+) -> torch.Tensor:
+    """Kimi delta attention: `ragged_gated_delta_rule` with a log decay per key channel, ``g [1, N, H, d_k]`` (the
+    state's row ``d`` decays by ``exp(g[..., d])``), as Kimi-Linear's torch path and fla's ``chunk_kda`` compute it;
+    query, key and value heads are the same."""
+    return _delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm, None)
+
+
+def _delta_rule(query, key, value, g, beta, schedule: ChunkSchedule, use_qk_l2norm: bool, scale) -> torch.Tensor:
+    """The chunked delta rule over ragged segments; ``g [1, N, H]`` (one decay per head) or ``[1, N, H, d_k]`` (one
+    per key channel)."""
     out_dtype = query.dtype
     value_heads = value.size(2)
     if key.size(2) != value_heads:
@@ -85,23 +106,28 @@ def ragged_gated_delta_rule(
         query, key = _l2_normalised(query), _l2_normalised(key)
     query = query * (query.size(-1) ** -0.5 if scale is None else scale)
     query, key, value = (_chunked(x, schedule) for x in (query, key, value))  # [chunks, H, C, d]
-    g, beta = (_chunked(x, schedule) for x in (g, beta))  # [chunks, H, C]
+    g, beta = (_chunked(x, schedule) for x in (g, beta))  # [chunks, H, C] or [chunks, H, C, d_k]; [chunks, H, C]
 
     chunk = query.size(2)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).tril()
-    decay = g.cumsum(dim=-1)  # log decay from the chunk's start to each slot (constant past a segment's end)
-    pair_decay = (decay[..., :, None] - decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    decay = g.cumsum(dim=2)  # log decay from the chunk's start to each slot (constant past a segment's end)
     key_beta = key * beta[..., None]
-    # (I + strictly lower part of A) X = B, with A = (beta k) k^T weighted by the decay between the two slots.
-    system = (key_beta @ key.transpose(-1, -2)) * pair_decay
+    if decay.dim() == 3:  # one decay per head
+        pair_decay = (decay[..., :, None] - decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+        # (I + strictly lower part of A) X = B, with A = (beta k) k^T weighted by the decay between the two slots.
+        system = (key_beta @ key.transpose(-1, -2)) * pair_decay
+        within = (query @ key.transpose(-1, -2)) * pair_decay
+        decay = decay[..., None]  # broadcast over the key channels below
+    else:  # one decay per key channel: the pair weights sum over channels
+        channel_decay = (decay[..., :, None, :] - decay[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+        channel_decay = channel_decay.exp()  # [chunks, H, C, C, d_k]
+        system = (key_beta[..., :, None, :] * key[..., None, :, :] * channel_decay).sum(dim=-1)
+        within = (query[..., :, None, :] * key[..., None, :, :] * channel_decay).sum(dim=-1)
     corrected_values = torch.linalg.solve_triangular(system, value * beta[..., None], upper=False, unitriangular=True)
-    state_reads = torch.linalg.solve_triangular(
-        system, key_beta * decay.exp()[..., None], upper=False, unitriangular=True
-    )
-    within = (query @ key.transpose(-1, -2)) * pair_decay
-    query_decayed = query * decay.exp()[..., None]
-    key_to_end = key * (decay[..., -1:] - decay).exp()[..., None]
-    chunk_decay = decay[..., -1].exp()[..., None, None]
+    state_reads = torch.linalg.solve_triangular(system, key_beta * decay.exp(), upper=False, unitriangular=True)
+    query_decayed = query * decay.exp()
+    key_to_end = key * (decay[..., -1:, :] - decay).exp()
+    chunk_decay = decay[..., -1, :].exp()[..., None]  # [chunks, H, d_k or 1, 1]: the state's rows
 
     level_sizes = schedule.level_sizes
     heads, d_k, d_v = query.size(1), query.size(-1), value.size(-1)
