@@ -30,12 +30,12 @@ def test_cells_are_real_text_of_the_asked_lengths(tokenizer):
     settings = SweepSettings(completion_length=12, steps=1, warmup=1)
     stream = TextStream(tokenizer, needed_tokens=2000)
     texts = cell_texts(settings, tokenizer, 100, 4, stream)
-    assert len(texts) == 2 and all(len(responses) == 4 for _, responses in texts)
+    assert len(texts) == 3 and all(len(responses) == 4 for _, responses in texts)  # warm-up, timed, memory steps
     for prompt, responses in texts:
         assert abs(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 100) <= 3
         assert len(set(responses)) == 4  # every completion another stretch of text
     rows = dpo_rows(texts)
-    assert len(rows) == 4 and rows[0]["chosen"] == texts[0][1][0] and rows[1]["rejected"] == texts[0][1][3]
+    assert len(rows) == 6 and rows[0]["chosen"] == texts[0][1][0] and rows[1]["rejected"] == texts[0][1][3]
     rollouts = FixedRollouts(texts, tokenizer)([texts[0][0]] * 4, trainer=None)
     decoded = [tokenizer.decode(ids) for ids in rollouts["completion_ids"]]
     assert decoded == texts[0][1] and rollouts["logprobs"] is None
@@ -130,3 +130,31 @@ def test_memory_prediction_matches_torchs_exact_peaks(kind, family, completions,
         assert cell["predicted_memory_stock_mib"] > cell["predicted_memory_ours_mib"] > 0, cell
         for key in ("memory_prediction_error_stock", "memory_prediction_error_ours", "memory_prediction_error"):
             assert abs(cell[key]) < 0.1, (key, cell)
+
+
+def test_memory_is_counted_after_the_timed_steps():
+    """Counting torch's allocations runs the profiler: the sweep starts it after the last timed step (its mark
+    taken first), so no timed step pays for it; without ``memory_after`` the reset ends the warm-up as before."""
+    import torch
+
+    from trl_prefix_share.commands.bench.measure import StepTimer
+
+    class Recorder:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.resets: list[int] = []
+
+        def reset(self):
+            self.resets.append(len(timer.wall))
+
+        def finish(self):
+            pass
+
+    for memory_after, expected in ((2, [3]), (None, [0, 0])):
+        memory = Recorder()
+        timer = StepTimer(memory, warmup=1, memory_after=memory_after)
+        timer.on_train_begin(None, None, None)
+        for _ in range(4):
+            timer.on_step_end(None, None, None)
+        assert memory.resets == expected, memory_after

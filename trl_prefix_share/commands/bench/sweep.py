@@ -83,6 +83,12 @@ class SweepSettings:
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
 
+    @property
+    def memory_steps(self) -> int:
+        """Untimed steps after the timed ones that measure memory: one on CPU, where counting torch's allocations
+        runs the profiler; none on CUDA, whose allocator keeps its own peak."""
+        return 1 if self.resolved_device().type == "cpu" else 0
+
 
 @dataclass
 class SweepRun:
@@ -140,7 +146,7 @@ PROMPT_END_TEXT = "\n\nAnswer:"
 
 def cell_texts(settings: SweepSettings, tokenizer, prompt_length: int, completions: int, stream: TextStream):
     """Prompts (one per step, times `prompts_per_step`) and each prompt's `completions` completion texts."""
-    prompts = settings.prompts_per_step * (settings.warmup + settings.steps)
+    prompts = settings.prompts_per_step * (settings.warmup + settings.steps + settings.memory_steps)
     texts = []
     ending = len(tokenizer(PROMPT_END_TEXT, add_special_tokens=False)["input_ids"])
     for _ in range(prompts):
@@ -240,7 +246,7 @@ def _common_config(settings: SweepSettings, output_dir: str, batch: int, max_len
     fields: dict[str, Any] = dict(
         output_dir=output_dir,
         per_device_train_batch_size=batch,
-        max_steps=settings.warmup + settings.steps,
+        max_steps=settings.warmup + settings.steps + settings.memory_steps,
         gradient_checkpointing=settings.gradient_checkpointing,
         report_to="none",
         save_strategy="no",
@@ -319,7 +325,8 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
         counter = TokenCountingCollator(trainer.data_collator) if kind == "dpo" else None
         if counter is not None:
             trainer.data_collator = counter
-        timer, cap = StepTimer(memory, settings.warmup), TimeCap(settings.time_cap_s)
+        memory_after = settings.steps if settings.memory_steps else None
+        timer, cap = StepTimer(memory, settings.warmup, memory_after), TimeCap(settings.time_cap_s)
         trainer.add_callback(timer)
         trainer.add_callback(cap)
         try:
@@ -333,9 +340,10 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
             run.status = OVER_TIME_CAP if cap.hit else OK
         memory.finish()  # an interrupted step leaves the allocation interval open
         if len(timer.wall) > settings.warmup:
-            run.step_seconds = intervals(timer.wall, settings.warmup)
+            run.step_seconds = intervals(timer.wall, settings.warmup)[: settings.steps]
+        if len(timer.wall) == settings.warmup + settings.steps + settings.memory_steps:
             run.peak_memory_mib, run.training_memory_mib = memory.peak_mib(), memory.growth_mib()
-        timed = slice(settings.warmup, len(timer.wall))
+        timed = slice(settings.warmup, min(len(timer.wall), settings.warmup + settings.steps))
         if counter is not None and counter.ours[timed]:
             run.tokens_per_step = float(np.mean(counter.ours[timed]))
             run.stock_tokens_per_step = float(np.mean(counter.stock[timed]))
