@@ -511,6 +511,13 @@ def check_ragged_kimi_per_segment(plan, padding: torch.Tensor, randn) -> None:
     beta = torch.rand(1, tokens, heads, dtype=torch.float64)
     schedule = plan.chunk_schedule(torch.device("cpu"))
     scanned = ragged_kernels.ragged_kimi_delta_rule(query, key, value, decay, beta, schedule, use_qk_l2norm=True)
+    budget = ragged_kernels.CHANNEL_PAIR_BUDGET
+    ragged_kernels.CHANNEL_PAIR_BUDGET = 1  # the per-channel pair decays one chunk at a time: the same result
+    try:
+        sliced = ragged_kernels.ragged_kimi_delta_rule(query, key, value, decay, beta, schedule, use_qk_l2norm=True)
+    finally:
+        ragged_kernels.CHANNEL_PAIR_BUDGET = budget
+    torch.testing.assert_close(sliced, scanned, rtol=1e-13, atol=1e-13)
     final_states = {}
     for segment, (start, length, parent) in enumerate(zip(plan.starts, plan.lengths, plan.parents, strict=True)):
         run, parent = slice(int(start), int(start + length)), int(parent)

@@ -3,10 +3,11 @@
 A grid of cells (prompt length L x completions per prompt n), for DPO (n responses to one prompt, trained as n/2
 pairs; ours groups them by prompt) and GRPO (G = n completions), each cell run by stock TRL, by our packed but unshared
 layout (`share_prefix=False`: the padding-free baseline) and by ours. Per cell and variant: seconds per timed step,
-peak memory above the state after the warm-up step (activations and gradients: the part that scales with tokens;
-on CPU torch's exact allocation peak, `measure.AllocationPeak`),
+peak memory above the state the step starts from (activations and gradients: the part that scales with tokens; on
+CPU torch's exact allocation peak, `measure.AllocationPeak`, counted on one more, untimed step after the timed ones),
 the tokens of a step, and the status (`ok`, `out of memory`, `over time cap`, or `skipped`: the same variant already
-went over the cap at a shorter prompt). Per cell: the token limit (stock / ours), the unpadded limit (unshared /
+went over the cap at a shorter prompt; a run whose timed steps finished before the cap is `ok`, its memory then
+missing if the cap cut the memory step). Per cell: the token limit (stock / ours), the unpadded limit (unshared /
 ours), the compute limit (packed-unshared's forward multiply-adds / ours, `estimate.work`: the LM head's work per
 scored position is the same in both layouts, so the token limit overstates what sharing can buy where the head
 weighs), the speed-ups, how much of the limits they reach, and the estimator's predictions next to the measured
@@ -105,6 +106,9 @@ class SweepRun:
     peak_memory_mib: float | None = None
     training_memory_mib: float | None = None
     compiles: int | None = None  # graphs torch.compile built during the run (FlexAttention on CUDA)
+    #: The run went past the time cap (its longer prompts are skipped); with status `ok` its timed steps finished
+    #: and only the memory step was cut.
+    hit_cap: bool = False
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -338,9 +342,12 @@ def run_variant(settings, kind, variant, model, tokenizer, texts, prompt_length,
             run.status = OVER_TIME_CAP
         else:
             run.status = OVER_TIME_CAP if cap.hit else OK
+        run.hit_cap = run.status == OVER_TIME_CAP
         memory.finish()  # an interrupted step leaves the allocation interval open
         if len(timer.wall) > settings.warmup:
             run.step_seconds = intervals(timer.wall, settings.warmup)[: settings.steps]
+        if run.hit_cap and len(run.step_seconds) == settings.steps:
+            run.status = OK  # timed to the end: speed is measured, memory (the step after) is not
         if len(timer.wall) == settings.warmup + settings.steps + settings.memory_steps:
             run.peak_memory_mib, run.training_memory_mib = memory.peak_mib(), memory.growth_mib()
         timed = slice(settings.warmup, min(len(timer.wall), settings.warmup + settings.steps))
@@ -425,7 +432,7 @@ def run_sweep(settings: SweepSettings, log: Any = print) -> dict[str, Any]:
                     cell_runs[variant] = run_variant(
                         settings, kind, variant, model, tokenizer, texts, prompt_length, completions
                     )
-                    if cell_runs[variant].status != OK:
+                    if cell_runs[variant].hit_cap or cell_runs[variant].status != OK:
                         over_cap.add((variant, completions))
                 run = cell_runs[variant]
                 seconds = "-" if run.seconds_per_step is None else f"{run.seconds_per_step:.2f} s/step"
@@ -600,7 +607,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
                     speed.plot(c["prompt_length"], c["token_limit"], "x", color=colour, ms=9)
         speed.set_xscale("log", base=2)
         speed.set_xlabel("prompt tokens")
-        speed.set_ylabel("speed-up (dashed: token limit; dash-dot: compute limit over unshared)")
+        speed.set_ylabel("speed-up (--: token limit; -.: compute limit)")
         speed.set_title(f"{kind.upper()}: speed-up vs prompt length (x: stock over the cap or out of memory)")
         if speed.get_legend_handles_labels()[0]:
             speed.legend(fontsize=8)

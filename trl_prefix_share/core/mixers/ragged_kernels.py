@@ -119,10 +119,7 @@ def _delta_rule(query, key, value, g, beta, schedule: ChunkSchedule, use_qk_l2no
         within = (query @ key.transpose(-1, -2)) * pair_decay
         decay = decay[..., None]  # broadcast over the key channels below
     else:  # one decay per key channel: the pair weights sum over channels
-        channel_decay = (decay[..., :, None, :] - decay[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
-        channel_decay = channel_decay.exp()  # [chunks, H, C, C, d_k]
-        system = (key_beta[..., :, None, :] * key[..., None, :, :] * channel_decay).sum(dim=-1)
-        within = (query[..., :, None, :] * key[..., None, :, :] * channel_decay).sum(dim=-1)
+        system, within = _channel_weighted_pairs(query, key, key_beta, decay, causal)
     corrected_values = torch.linalg.solve_triangular(system, value * beta[..., None], upper=False, unitriangular=True)
     state_reads = torch.linalg.solve_triangular(system, key_beta * decay.exp(), upper=False, unitriangular=True)
     query_decayed = query * decay.exp()
@@ -152,6 +149,28 @@ def _delta_rule(query, key, value, g, beta, schedule: ChunkSchedule, use_qk_l2no
         return value.new_zeros((1, schedule.output.numel(), heads, d_v)).to(out_dtype)
     per_slot = torch.cat(outputs).transpose(1, 2).reshape(-1, heads, d_v)  # [chunks * C, H, d_v]
     return _with_zero_row(per_slot)[schedule.output][None].to(out_dtype)
+
+
+#: Values of the ``[chunks, H, C, C, d_k]`` per-channel pair decays built at once (the rest in further slices of
+#: chunks), so a long sequence's temporary stays bounded.
+CHANNEL_PAIR_BUDGET = 2**25
+
+
+def _channel_weighted_pairs(query, key, key_beta, decay, causal) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(beta k_i) . k_j`` and ``q_i . k_j``, each channel weighted by its decay from slot ``j`` to ``i`` (zero above
+    the diagonal): ``[chunks, H, C, C]``, built a slice of chunks at a time."""
+    chunks, heads, chunk, d_k = key.shape
+    step = max(1, CHANNEL_PAIR_BUDGET // (heads * chunk * chunk * d_k))
+    systems, withins = [], []
+    for first in range(0, chunks, step):
+        part = slice(first, first + step)
+        pair = (decay[part, :, :, None, :] - decay[part, :, None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+        weighted = key[part, :, None, :, :] * pair.exp()  # [c, H, C, C, d_k]: k_j decayed to slot i
+        systems.append((key_beta[part, :, :, None, :] * weighted).sum(dim=-1))
+        withins.append((query[part, :, :, None, :] * weighted).sum(dim=-1))
+    if not systems:  # no segment at all
+        return key.new_zeros((0, heads, chunk, chunk)), key.new_zeros((0, heads, chunk, chunk))
+    return torch.cat(systems), torch.cat(withins)
 
 
 def ragged_mamba2_scan(
