@@ -475,19 +475,11 @@ def check_ragged_kernels_per_segment(plan, document_ids: torch.Tensor) -> None:
     convolved = ragged_kernels.ragged_causal_conv(
         inputs, weight, bias, "silu", plan.conv_gather(kernel, torch.device("cpu"))
     )
-    final_states, paths = {}, {}
+    check_delta_rule_per_segment(plan, scanned, qwen3_5.torch_chunk_gated_delta_rule, query, key, value, decay, beta)
+    paths = {}
     for segment, (start, length, parent) in enumerate(zip(plan.starts, plan.lengths, plan.parents, strict=True)):
         run, parent = slice(int(start), int(start + length)), int(parent)
         paths[segment] = (paths[parent] if parent >= 0 else []) + list(range(int(start), int(start + length)))
-        expected, final_states[segment] = qwen3_5.torch_chunk_gated_delta_rule(
-            *(x[:, run] for x in (query, key, value)),
-            g=decay[:, run],
-            beta=beta[:, run],
-            initial_state=final_states.get(parent),
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=True,
-        )
-        torch.testing.assert_close(scanned[:, run], expected, rtol=1e-12, atol=1e-12)
         history = torch.zeros(1, channels, kernel - 1, dtype=torch.float64)
         if parent >= 0:
             tail = inputs[..., paths[parent]][..., -(kernel - 1) :]
@@ -510,18 +502,27 @@ def check_ragged_kimi_per_segment(plan, padding: torch.Tensor, randn) -> None:
     decay = -torch.rand(1, tokens, heads, d_k, dtype=torch.float64)  # per channel, as its forget gate gives
     beta = torch.rand(1, tokens, heads, dtype=torch.float64)
     schedule = plan.chunk_schedule(torch.device("cpu"))
-    scanned = ragged_kernels.ragged_kimi_delta_rule(query, key, value, decay, beta, schedule, use_qk_l2norm=True)
+    scanned = ragged_kernels.ragged_gated_delta_rule(query, key, value, decay, beta, schedule, use_qk_l2norm=True)
     budget = ragged_kernels.CHANNEL_PAIR_BUDGET
     ragged_kernels.CHANNEL_PAIR_BUDGET = 1  # the per-channel pair decays one chunk at a time: the same result
     try:
-        sliced = ragged_kernels.ragged_kimi_delta_rule(query, key, value, decay, beta, schedule, use_qk_l2norm=True)
+        sliced = ragged_kernels.ragged_gated_delta_rule(query, key, value, decay, beta, schedule, use_qk_l2norm=True)
     finally:
         ragged_kernels.CHANNEL_PAIR_BUDGET = budget
     torch.testing.assert_close(sliced, scanned, rtol=1e-13, atol=1e-13)
+    reference = modeling_kimi_linear.chunk_kimi_delta_attention
+    check_delta_rule_per_segment(plan, scanned, reference, query, key, value, decay, beta)
+    if bool(padding.any()):
+        assert scanned[0, padding].abs().max() == 0
+
+
+def check_delta_rule_per_segment(plan, scanned, reference, query, key, value, decay, beta) -> None:
+    """``scanned`` (a ragged delta rule over ``plan``) equals ``reference`` (transformers' kernel) run on each segment
+    alone from its parent's final state."""
     final_states = {}
     for segment, (start, length, parent) in enumerate(zip(plan.starts, plan.lengths, plan.parents, strict=True)):
         run, parent = slice(int(start), int(start + length)), int(parent)
-        expected, final_states[segment] = modeling_kimi_linear.chunk_kimi_delta_attention(
+        expected, final_states[segment] = reference(
             *(x[:, run] for x in (query, key, value)),
             g=decay[:, run],
             beta=beta[:, run],
@@ -530,8 +531,6 @@ def check_ragged_kimi_per_segment(plan, padding: torch.Tensor, randn) -> None:
             use_qk_l2norm_in_kernel=True,
         )
         torch.testing.assert_close(scanned[:, run], expected, rtol=1e-12, atol=1e-12)
-    if bool(padding.any()):
-        assert scanned[0, padding].abs().max() == 0
 
 
 def check_ragged_mamba2_per_segment(plan, padding: torch.Tensor, randn) -> None:

@@ -37,7 +37,6 @@ from trl_prefix_share.core.mixers.kinds import class_verdict
 from trl_prefix_share.core.mixers.ragged_kernels import (
     ragged_causal_conv,
     ragged_gated_delta_rule,
-    ragged_kimi_delta_rule,
     ragged_mamba2_scan,
 )
 from trl_prefix_share.core.mixers.ragged_plan import DELTA_CHUNK, RaggedPlan
@@ -314,7 +313,7 @@ def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: Ragge
             if scale is not None:
                 raise RaggedUnsupported("the Kimi delta scan was handed a scale")
             schedule = plan.chunk_schedule(query.device, chunk_size)
-            return ragged_kimi_delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm_in_kernel), None
+            return ragged_gated_delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm_in_kernel), None
         kernel = varlen_kernel_for(query.device)
         if kernel is not None:
             scanned = checked_varlen_gated_delta_rule(

@@ -74,23 +74,12 @@ def ragged_gated_delta_rule(
     """The gated delta rule's outputs ``[1, N, H_v, d_v]`` for ``query, key [1, N, H_k, d_k]``, ``value [1, N, H_v,
     d_v]``, log decays ``g`` and write strengths ``beta`` ``[1, N, H_v]``, every segment of ``schedule`` scanned from
     its own initial state. Key heads serve ``H_v / H_k`` consecutive value heads each; ``scale`` defaults to
-    ``d_k ** -0.5``; tokens in no segment get zeros."""
+    ``d_k ** -0.5``; tokens in no segment get zeros.
+
+    ``g`` is ``[1, N, H_v]`` (one decay per head: Qwen3.5, Qwen3-Next) or ``[1, N, H_v, d_k]``: Kimi delta attention,
+    one decay per key channel (the state's row ``d`` decays by ``exp(g[..., d])``), as Kimi-Linear's torch path and
+    fla's ``chunk_kda`` compute it."""
     return _delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm, scale)
-
-
-def ragged_kimi_delta_rule(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    schedule: ChunkSchedule,
-    use_qk_l2norm: bool,
-) -> torch.Tensor:
-    """Kimi delta attention: `ragged_gated_delta_rule` with a log decay per key channel, ``g [1, N, H, d_k]`` (the
-    state's row ``d`` decays by ``exp(g[..., d])``), as Kimi-Linear's torch path and fla's ``chunk_kda`` compute it;
-    query, key and value heads are the same."""
-    return _delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm, None)
 
 
 def _delta_rule(query, key, value, g, beta, schedule: ChunkSchedule, use_qk_l2norm: bool, scale) -> torch.Tensor:
