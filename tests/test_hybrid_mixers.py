@@ -159,8 +159,8 @@ def dpo_pair(saved, family, tokenizer, rows, **config):
 #: Mamba2 mixers call the scan helper that takes the mixer (`mamba2_scan_forward`) from transformers 5.25 on, the
 #: release that also brought the shared convolution helper; before, they scan inline and stay on the padded run.
 MAMBA2_UNPADDED = causal_conv1d_forward is not None
-#: Kimi delta attention (a decay per key channel) takes the unpadded run where its forward calls the convolution
-#: helper as the others do (5.25 on); read from the tested release, pinned on the lock's below.
+#: Kimi delta attention (a decay per key channel) takes the unpadded run on the tested releases (5.24 calls the
+#: convolution kernel inline, 5.25 the shared helper); read from the installed release, pinned on 5.25's below.
 KIMI_UNPADDED = isinstance(ragged.ragged_recipe(modeling_kimi_linear.KimiLinearDeltaAttention), ragged.RaggedRecipe)
 RAGGED = (
     {"lfm2", "lfm2_biased", "qwen3_5_text", "qwen3_next"}
@@ -187,7 +187,7 @@ def count_runs(monkeypatch) -> dict[str, int]:
 def test_dpo_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
     """Convolution, gated-delta and Mamba2 mixers on the packed tokens (no padding, prefix trees on hh's short
     template heads: a minimum of 2 shared tokens, so the batch is one tree of depth 2 or more), Kimi delta attention
-    too from transformers 5.25; mixers on the padded run (one-level layouts): prefixes of several lengths left-padded
+    too; mixers on the padded run (one-level layouts): prefixes of several lengths left-padded
     (bias-free mixers) or grouped by length (biased ones)."""
     stock, ours = dpo_pair(saved, family, tokenizer, hh_rows, prefix_tree_min_shared_tokens=2)
     assert ours.prefix_share_packing.prefix_tree == (family in RAGGED)  # trees need the unpadded run
@@ -322,7 +322,7 @@ def slow_decay(model: torch.nn.Module) -> None:
             "build_ragged_plan",
             [ragged_without_prefix_state, ragged_without_boundaries],
             1e-2,
-            marks=pytest.mark.skipif(not KIMI_UNPADDED, reason="Kimi delta takes the padded run before 5.25"),
+            marks=pytest.mark.skipif(not KIMI_UNPADDED, reason="Kimi delta takes the padded run on this release"),
         ),
         ("qwen3_5_text", "build_ragged_plan", [ragged_without_prefix_state, ragged_without_boundaries], 1e-2),
         pytest.param(
