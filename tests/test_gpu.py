@@ -132,12 +132,12 @@ def test_compiled_flex_softcap_and_sinks_match_the_explicit_kernel():
         assert relative_difference(got, expected) <= 10 * RELATIVE_TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_text", "nemotron_h"])
+@pytest.mark.parametrize("family", ["qwen3_5_text", "kimi_linear", "nemotron_h"])
 def test_hybrid_flex_kernel_fp32_matches_stock(family, tokenizer, tmp_path):
     """Hybrids on CUDA: FlexAttention for the attention layers, the segmented mixers (transformers' CUDA kernels
-    where installed, which take the handed-in states too; Qwen3.5's gated delta rule through fla's variable-length
-    kernel when fla is installed, as `make gpu-check` does) for the others. Gradients below 1e-2 of the largest are
-    held against that floor: the scans round in float32 and chunk a packed sequence differently (see
+    where installed, which take the handed-in states too; Qwen3.5's and Kimi-Linear's delta rules through fla's
+    variable-length kernels when fla is installed, as `make gpu-check` does) for the others. Gradients below 1e-2 of
+    the largest are held against that floor: the scans round in float32 and chunk a packed sequence differently (see
     tests/test_hybrid_mixers.py)."""
     from test_hybrid_mixers import FAMILIES, SMALL
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -147,8 +147,7 @@ def test_hybrid_flex_kernel_fp32_matches_stock(family, tokenizer, tmp_path):
         fields.pop("model_type", family),
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
-        **SMALL,
-        **fields,
+        **{**SMALL, **fields},
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
@@ -159,8 +158,10 @@ def test_hybrid_flex_kernel_fp32_matches_stock(family, tokenizer, tmp_path):
     assert ours.prefix_share_kernel == "flex" and ours.prefix_share_fallback is None
     from trl_prefix_share.core.mixers import varlen
 
-    if family == "qwen3_5_text" and varlen.installed_fla_kernel() is not None:  # fla's variable-length kernel ran
-        assert [check.passed for check in varlen.varlen_checks().values()] == [True]
+    kind = {"qwen3_5_text": "gated_delta", "kimi_linear": "kimi_delta"}.get(family)
+    kernel = None if kind is None else varlen.installed_fla_kernel(kind)
+    if kernel is not None:  # fla's variable-length kernel ran, and its first-call check passed
+        assert varlen.varlen_checks()[(kernel, torch.float32)].passed
     assert relative_difference(our_loss, stock_loss) <= 10 * RELATIVE_TOLERANCE
     floor = 1e-2 * max(grad.norm().item() for grad in stock_grads.values())
     for name, expected in stock_grads.items():
@@ -190,15 +191,17 @@ def test_vision_flex_kernel_fp32_matches_stock(family):
             assert relative_difference(our_grads[name], expected) <= 10 * RELATIVE_TOLERANCE, name
 
 
-def test_fla_variable_length_kernel_matches_the_torch_kernel():
-    """flash-linear-attention's variable-length gated delta rule (when installed) on a packed layout with prefixes,
-    branches, an unshared document and row padding: outputs and gradients against the torch ragged kernel, fp32, and
-    the first-call check that guards it (which must fail for a kernel whose boundaries are dropped)."""
+@pytest.mark.parametrize("kind", ["gated_delta", "kimi_delta"])
+def test_fla_variable_length_kernel_matches_the_torch_kernel(kind):
+    """flash-linear-attention's variable-length gated delta rule and Kimi delta attention (when installed) on a packed
+    layout with prefixes, branches, an unshared document and row padding: outputs and gradients against the torch
+    ragged kernel, fp32, and the first-call check that guards it (which must fail for a kernel whose boundaries are
+    dropped)."""
     from test_varlen_kernel import tree_plan
 
     from trl_prefix_share.core.mixers import ragged_kernels, varlen
 
-    kernel = varlen.installed_fla_kernel()
+    kernel = varlen.installed_fla_kernel(kind)
     if kernel is None:
         pytest.skip("flash-linear-attention is not installed (requirements/fla.txt)")
     plan, document_ids = tree_plan()
@@ -209,8 +212,9 @@ def test_fla_variable_length_kernel_matches_the_torch_kernel():
     def randn(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=generator, device=device)).requires_grad_()
 
-    inputs = [randn(1, tokens, 2, 16), randn(1, tokens, 2, 16), randn(1, tokens, 4, 16)]
-    inputs += [(-torch.rand(1, tokens, 4, generator=generator, device=device)).requires_grad_()]
+    key_heads, decay_shape = (2, (4,)) if kind == "gated_delta" else (4, (4, 16))  # Kimi: a decay per key channel
+    inputs = [randn(1, tokens, key_heads, 16), randn(1, tokens, key_heads, 16), randn(1, tokens, 4, 16)]
+    inputs += [(-torch.rand(1, tokens, *decay_shape, generator=generator, device=device)).requires_grad_()]
     inputs += [torch.rand(1, tokens, 4, generator=generator, device=device).requires_grad_()]
     weights = torch.randn(1, tokens, 4, 16, generator=generator, device=device)
     expected = ragged_kernels.ragged_gated_delta_rule(*inputs, plan.chunk_schedule(device), use_qk_l2norm=True)

@@ -34,14 +34,17 @@ def per_sequence_kernel(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
     cu_seqlens=None, **kwargs,
 ):  # fmt: skip
-    """fla's variable-length API, each sequence computed alone by transformers' torch kernel from its own state."""
+    """fla's variable-length API, each sequence computed alone by transformers' torch kernel from its own state (the
+    gated delta rule's, or Kimi-Linear's for a decay per key channel)."""
+    import transformers.models.kimi_linear.modeling_kimi_linear as kimi_linear
     import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
 
     assert scale is None and not kwargs and q.size(0) == 1
+    reference = kimi_linear.chunk_kimi_delta_attention if g.dim() == 4 else qwen3_5.torch_chunk_gated_delta_rule
     bounds = cu_seqlens.tolist()
     outputs, finals = [], []
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        out, final = qwen3_5.torch_chunk_gated_delta_rule(
+        out, final = reference(
             *(x[:, start:end] for x in (q, k, v, g, beta)),
             initial_state=None if initial_state is None else initial_state[index : index + 1],
             output_final_state=True,
@@ -67,11 +70,19 @@ def drops_initial_states(q, k, v, g, beta, initial_state=None, **kwargs):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer):
-    """Path of a saved tiny float64 Qwen3.5 (gated delta rule and attention layers), by family name."""
-    path = save_tiny_model(
-        tmp_path_factory.mktemp("qwen3_5"), tokenizer, "qwen3_5_text", **SMALL, **FAMILIES["qwen3_5_text"]
-    )
-    return lambda family: path
+    """Factory: path of a saved tiny float64 hybrid (Qwen3.5: gated delta; Kimi-Linear: Kimi delta), by family."""
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            fields = dict(FAMILIES[family])
+            model_type = fields.pop("model_type", family)
+            cache[family] = save_tiny_model(
+                tmp_path_factory.mktemp(family), tokenizer, model_type, **{**SMALL, **fields}
+            )
+        return cache[family]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +104,14 @@ def use_kernel(monkeypatch, kernel) -> dict[str, int]:
         calls["kernel"] += 1
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(ragged, "varlen_kernel_for", lambda device: counted)
+    monkeypatch.setattr(ragged, "varlen_kernel_for", lambda device, kind="gated_delta": counted)
     return calls
 
 
 def test_only_cuda_takes_the_variable_length_kernel(monkeypatch):
     """The CPU keeps the torch kernel even with a kernel installed; the switch turns it off on CUDA; a kernel that
     does not take the variable-length keywords is not used."""
-    monkeypatch.setattr(varlen, "installed_fla_kernel", lambda: per_sequence_kernel)
+    monkeypatch.setattr(varlen, "installed_fla_kernel", lambda kind="gated_delta": per_sequence_kernel)
     assert varlen.varlen_kernel_for(torch.device("cpu")) is None
     assert varlen.varlen_kernel_for(torch.device("cuda")) is per_sequence_kernel
     monkeypatch.setenv(varlen.FLA_SWITCH, "0")
@@ -152,12 +163,14 @@ def test_per_depth_calls_equal_the_torch_kernel(monkeypatch):
     assert got[0, document_ids.reshape(-1) < 0].abs().max() == 0
 
 
-def test_dpo_through_the_variable_length_kernel_matches_stock(saved, tokenizer, hh_rows, monkeypatch):
-    """Qwen3.5 DPO with its gated delta rule on the variable-length path (prefix trees on hh's template heads, so
-    three depths): stock's loss, gradients and metrics; the first-call check passes and the kernel is called per
-    depth in every mixer forward."""
+@pytest.mark.parametrize("family", ["qwen3_5_text", "kimi_linear"])
+def test_dpo_through_the_variable_length_kernel_matches_stock(family, saved, tokenizer, hh_rows, monkeypatch):
+    """DPO with the delta rule on the variable-length path (Qwen3.5's gated delta rule, fla's
+    ``chunk_gated_delta_rule``; Kimi-Linear's per-channel decay, fla's ``chunk_kda``), prefix trees on hh's template
+    heads, so three depths: stock's loss, gradients and metrics; the first-call check passes and the kernel is called
+    per depth in every mixer forward."""
     calls = use_kernel(monkeypatch, per_sequence_kernel)
-    stock, ours = dpo_pair(saved, "qwen3_5_text", tokenizer, hh_rows, prefix_tree_min_shared_tokens=2)
+    stock, ours = dpo_pair(saved, family, tokenizer, hh_rows, prefix_tree_min_shared_tokens=2)
     runs = count_runs(monkeypatch)
     compare(stock, ours, first_batch(stock, 4), first_batch(ours, 4))
     assert runs["run_ragged"] > 0 and calls["kernel"] >= 2 * runs["run_ragged"]

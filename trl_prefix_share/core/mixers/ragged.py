@@ -6,7 +6,8 @@ mixer's forward runs once on ``[1, N, hidden]``, all packed tokens end to end: i
 only real tokens, and the two calls in it that carry state along the sequence, the causal convolution helper and the
 chunked scan (the gated delta rule, or Mamba2's selective scan), are replaced for this call only by ragged versions
 (`ragged_kernels`) that keep every segment to itself and start each branch from its prefix's state (`ragged_plan`);
-on CUDA with flash-linear-attention installed, the gated delta rule goes to its variable-length kernel (`varlen`).
+on CUDA with flash-linear-attention installed, the gated and Kimi delta rules go to its variable-length kernels
+(`varlen`).
 
 Which calls those are is read from the forward's code (`ragged_recipe`): the convolution helper is the function it
 calls that reaches ``update_conv_state``; the scan is the called name ending in ``chunk_gated_delta_rule`` or
@@ -309,12 +310,9 @@ def run_ragged(module: torch.nn.Module, hidden_states: torch.Tensor, plan: Ragge
         calls["scan"] += 1
         if initial_state is not None or cu_seqlens is not None or extra.get("seq_idx") is not None:
             raise RaggedUnsupported("the scan was handed a state or sequence boundaries of its own")
-        if is_kimi:  # its torch path and fla's take no scale: the kernel's d_k ** -0.5
-            if scale is not None:
-                raise RaggedUnsupported("the Kimi delta scan was handed a scale")
-            schedule = plan.chunk_schedule(query.device, chunk_size)
-            return ragged_gated_delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm_in_kernel), None
-        kernel = varlen_kernel_for(query.device)
+        if is_kimi and scale is not None:  # its torch path takes no scale: the kernel's d_k ** -0.5
+            raise RaggedUnsupported("the Kimi delta scan was handed a scale")
+        kernel = varlen_kernel_for(query.device, "kimi_delta" if is_kimi else "gated_delta")
         if kernel is not None:
             scanned = checked_varlen_gated_delta_rule(
                 kernel, plan, query, key, value, g, beta, use_qk_l2norm_in_kernel, scale, chunk_size

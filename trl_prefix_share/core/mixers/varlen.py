@@ -1,7 +1,8 @@
-"""The gated delta rule over packed segments through flash-linear-attention's variable-length kernel (CUDA).
+"""Delta rules over packed segments through flash-linear-attention's variable-length kernels (CUDA).
 
 On CUDA with flash-linear-attention (fla) installed, the unpadded run (`ragged`) hands its chunked gated delta rule to
-fla's ``chunk_gated_delta_rule`` instead of the torch kernel in `ragged_kernels`: fla takes many sequences laid end to
+fla's ``chunk_gated_delta_rule`` (Kimi delta attention to fla's ``chunk_kda``, the same API with a decay per key
+channel) instead of the torch kernel in `ragged_kernels`: fla takes many sequences laid end to
 end in one row (``cu_seqlens``) with one initial state per sequence, and returns one final state per sequence. A
 packed layout's segments are a tree (`ragged_plan`), so the scan runs one tree depth at a time: the roots (prefixes
 and unshared documents) from a zero state in one call, then every branch from its parent's final state in the next.
@@ -18,6 +19,7 @@ logs a warning and sends the process back to the torch kernel (exact, token-prop
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import logging
 import os
@@ -38,6 +40,11 @@ FLA_SWITCH = "TRL_PREFIX_SHARE_FLA"
 #: moves outputs by their own size. Set from those two facts: no GPU has run this check yet.
 VARLEN_CHECK_TOLERANCE = {torch.float32: 1e-2, torch.float64: 1e-2}
 HALF_PRECISION_TOLERANCE = 5e-2
+#: fla's kernel for each mixer kind: (module, function).
+FLA_KERNELS = {
+    "gated_delta": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+    "kimi_delta": ("fla.ops.kda", "chunk_kda"),
+}
 #: The keywords a variable-length kernel must take for this path to call it.
 _REQUIRED_KEYWORDS = ("initial_state", "output_final_state", "cu_seqlens", "use_qk_l2norm_in_kernel", "scale")
 
@@ -56,13 +63,14 @@ _CHECKS: dict[tuple[Callable, torch.dtype], VarlenCheck] = {}
 
 
 @functools.cache
-def installed_fla_kernel() -> Callable | None:
-    """fla's chunked gated delta rule if it is importable and takes the variable-length keywords; else None."""
+def installed_fla_kernel(kind: str = "gated_delta") -> Callable | None:
+    """fla's chunked kernel for a mixer kind if it is importable and takes the variable-length keywords; else None."""
+    module_name, function_name = FLA_KERNELS[kind]
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        kernel = getattr(importlib.import_module(module_name), function_name)
     except Exception:  # not installed, or its triton import fails (a CPU-only torch)
         return None
-    return chunk_gated_delta_rule if takes_varlen_keywords(chunk_gated_delta_rule) else None
+    return kernel if takes_varlen_keywords(kernel) else None
 
 
 def takes_varlen_keywords(kernel: Callable) -> bool:
@@ -73,11 +81,11 @@ def takes_varlen_keywords(kernel: Callable) -> bool:
     return all(name in parameters for name in _REQUIRED_KEYWORDS)
 
 
-def varlen_kernel_for(device: torch.device) -> Callable | None:
-    """The variable-length kernel for tensors on ``device``: fla's on CUDA when installed and switched on."""
+def varlen_kernel_for(device: torch.device, kind: str = "gated_delta") -> Callable | None:
+    """The variable-length kernel for a mixer kind's tensors on ``device``: fla's on CUDA when installed and on."""
     if device.type != "cuda" or os.environ.get(FLA_SWITCH, "1") == "0":
         return None
-    return installed_fla_kernel()
+    return installed_fla_kernel(kind)
 
 
 def varlen_checks() -> dict[tuple[Callable, torch.dtype], VarlenCheck]:
@@ -96,9 +104,10 @@ def varlen_gated_delta_rule(
     use_qk_l2norm: bool,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """The gated delta rule's outputs ``[1, N, H_v, d_v]`` over every segment of ``levels`` through ``kernel`` (fla's
-    API), one call per tree depth; arguments as `ragged_kernels.ragged_gated_delta_rule`. Key heads are repeated to
-    the value heads first (each serving consecutive ones), so no grouping convention of the kernel is relied on."""
+    """The delta rule's outputs ``[1, N, H_v, d_v]`` over every segment of ``levels`` through ``kernel`` (fla's API),
+    one call per tree depth; arguments as `ragged_kernels.ragged_gated_delta_rule` (``g`` per head or per channel).
+    Key heads are repeated to the value heads first (each serving consecutive ones), so no grouping convention of the
+    kernel is relied on."""
     value_heads = value.size(2)
     if key.size(2) != value_heads:
         repeat = value_heads // key.size(2)
