@@ -110,9 +110,8 @@ def compare(stock, ours, stock_batch, our_batch) -> None:
     assert_equivalent(stock, ours, stock_batch, our_batch, gradient_floor=GRADIENT_FLOOR)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tokenizer):
-    """Factory: path of a saved tiny float64 causal LM of a hybrid family."""
+def family_saver(tmp_path_factory, tokenizer):
+    """Factory: path of a saved tiny float64 causal LM of a hybrid family (each saved once)."""
     cache: dict[str, str] = {}
 
     def get(family: str) -> str:
@@ -125,6 +124,11 @@ def saved(tmp_path_factory, tokenizer):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer):
+    return family_saver(tmp_path_factory, tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@ import logging
 
 import pytest
 import torch
-from conftest import load_dataset_rows, save_tiny_model
+from conftest import load_dataset_rows
 from equivalence import RELATIVE_TOLERANCE, first_batch, loss_and_grads, relative_difference
 from test_hybrid_mixers import (
-    FAMILIES,
-    SMALL,
     compare,
     count_runs,
     dpo_pair,
+    family_saver,
     one_level_span_ends,
     run_kernel_in_float64,
 )
@@ -71,18 +70,7 @@ def drops_initial_states(q, k, v, g, beta, initial_state=None, **kwargs):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer):
     """Factory: path of a saved tiny float64 hybrid (Qwen3.5: gated delta; Kimi-Linear: Kimi delta), by family."""
-    cache: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in cache:
-            fields = dict(FAMILIES[family])
-            model_type = fields.pop("model_type", family)
-            cache[family] = save_tiny_model(
-                tmp_path_factory.mktemp(family), tokenizer, model_type, **{**SMALL, **fields}
-            )
-        return cache[family]
-
-    return get
+    return family_saver(tmp_path_factory, tokenizer)
 
 
 @pytest.fixture(scope="module")
