@@ -187,3 +187,19 @@ def test_a_kernel_that_leaks_state_is_caught(fault, saved, tokenizer, hh_rows, m
     assert not check.passed and check.difference > varlen.VARLEN_CHECK_TOLERANCE[torch.float64]
     assert "differs from the exact torch kernel" in caplog.text
     assert relative_difference(loss, expected) <= RELATIVE_TOLERANCE
+
+
+def test_a_kernel_that_fails_on_its_first_call_falls_back(saved, tokenizer, hh_rows, monkeypatch, caplog):
+    """A kernel that raises on its first call (a dtype or build it cannot take) is warned about and never called
+    again; the step runs on the torch kernel: stock's loss."""
+    stock, ours = dpo_pair(saved, "qwen3_5_text", tokenizer, hh_rows)
+    expected, _, _ = loss_and_grads(stock, first_batch(stock, 4))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this dtype")
+
+    calls = use_kernel(monkeypatch, broken)
+    with caplog.at_level(logging.WARNING, logger=varlen.__name__):
+        loss, _, _ = loss_and_grads(ours, first_batch(ours, 4))
+    assert calls["kernel"] == 1 and "failed on its first call (RuntimeError" in caplog.text
+    assert relative_difference(loss, expected) <= RELATIVE_TOLERANCE

@@ -149,18 +149,29 @@ def checked_varlen_gated_delta_rule(
     scale: float | None = None,
     chunk: int = DELTA_CHUNK,
 ) -> torch.Tensor:
-    """``kernel``'s result where its first call in this process (per precision) agreed with the torch kernel; the
-    torch kernel's where it did not (warned once)."""
+    """``kernel``'s result where its first call in this process (per precision) ran and agreed with the torch kernel;
+    the torch kernel's where it failed or did not agree (warned once)."""
     check = _CHECKS.get((kernel, query.dtype))
     if check is not None and not check.passed:
         return ragged_gated_delta_rule(
             query, key, value, g, beta, plan.chunk_schedule(query.device, chunk), use_qk_l2norm, scale
         )
     levels = plan.varlen_levels(query.device)
-    out = varlen_gated_delta_rule(kernel, query, key, value, g, beta, levels, use_qk_l2norm, scale)
     if check is not None:
-        return out
+        return varlen_gated_delta_rule(kernel, query, key, value, g, beta, levels, use_qk_l2norm, scale)
     schedule = plan.chunk_schedule(query.device, chunk)
+    try:
+        out = varlen_gated_delta_rule(kernel, query, key, value, g, beta, levels, use_qk_l2norm, scale)
+    except Exception as error:  # a kernel that cannot take these inputs (dtype, shapes, its Triton build)
+        _CHECKS[(kernel, query.dtype)] = VarlenCheck(query.dtype, float("inf"), False)
+        logger.warning(
+            "the variable-length delta kernel %s failed on its first call (%s: %s); using the exact torch kernel "
+            "for the rest of this process.",
+            getattr(kernel, "__module__", kernel),
+            type(error).__name__,
+            error,
+        )
+        return ragged_gated_delta_rule(query, key, value, g, beta, schedule, use_qk_l2norm, scale)
     with torch.no_grad():
         expected = ragged_gated_delta_rule(
             *(x.detach() for x in (query, key, value, g, beta)), schedule, use_qk_l2norm, scale
