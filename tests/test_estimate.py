@@ -309,9 +309,14 @@ def test_estimate_command_predicts_peak_memory_from_the_models_config(trainer, m
     memory = json.loads(out.read_text())["estimates"][0]["memory"]
     assert memory["stock_mib"] > memory["ours_mib"] > 0 and memory["saving"] > 1
     assert memory["stock_moment"] == "head"  # stock's head scores every padded position: that is its peak
+    estimate = json.loads(out.read_text())["estimates"][0]
+    unshared_ratio = estimate["sharing_ratio"] if trainer == "dpo" else estimate["unpadded_ratio"]
+    assert "compute limit (the most sharing can speed a step up" in printed
+    assert 1 < estimate["compute_limit"] < unshared_ratio  # the head's work per completion token is not shared
     without = ["estimate", "--trainer", trainer, "--dataset", str(DATA / DATASETS["pandalm"]), "--limit", "8"]
     main([*without, "--tokenizer", str(TOKENIZER_DIR), "--no-progress"])
-    assert "peak step memory" not in capsys.readouterr().out  # no model: no memory claim
+    printed = capsys.readouterr().out
+    assert "peak step memory" not in printed and "compute limit" not in printed  # no model: no claim
 
 
 def test_memory_phases_follow_the_step_sizes():

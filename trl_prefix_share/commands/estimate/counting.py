@@ -17,6 +17,7 @@ from trl_prefix_share.commands.estimate.memory import (
 )
 from trl_prefix_share.commands.estimate.results import LengthStats, PairLengths, SavingsEstimate
 from trl_prefix_share.commands.estimate.tokenization import tokenize_pairs
+from trl_prefix_share.commands.estimate.work import compute_limit
 from trl_prefix_share.core.layout import assign_rows
 from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
 
@@ -192,6 +193,17 @@ def _stock_batches(pairs: PairLengths, order: np.ndarray, batch_size: int, multi
     return rows * widths
 
 
+def document_groups(documents: list[list[Laid]]) -> list[tuple[int, list[int]]]:
+    """Each one-level document as (its shared prompt's tokens, its sequences' tokens after it), for `compute_limit`:
+    prefix trees share more, so the limit read off one-level documents is the lower one."""
+    groups = []
+    for document in documents:
+        if document:
+            prompt = min(len(tokens) // 4 for _, tokens in document)
+            groups.append((prompt, [length - prompt for length, _ in document]))
+    return groups
+
+
 def _scored_positions(pairs: PairLengths, batch: np.ndarray, documents: list[list[Laid]], grouped: bool) -> int:
     """Positions our head scores in a batch: the response tokens of each sequence laid out (a distinct sequence
     once under `group_by_prompt`; identical chosen / rejected once)."""
@@ -227,7 +239,7 @@ def count_tokens(
     stock_rows, stock_widths = _stock_shapes(pairs, stock_order, batch_size, pad_to_multiple_of)
     stock_batches = stock_rows * stock_widths
     trees = prefix_tree and pairs.prompt_tokens is not None
-    ours_batches, one_level_batches, ours_steps = [], [], []
+    ours_batches, one_level_batches, ours_steps, groups = [], [], [], []
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         if group_by_prompt:
@@ -248,6 +260,7 @@ def count_tokens(
             side = side_key_slots([[length for length, _ in document] for document in documents])
             scored = _scored_positions(pairs, batch, documents, group_by_prompt)
             ours_steps.append(StepSizes(ours_batches[-1], scored, side))
+            groups += document_groups(documents)
     ours = np.asarray(ours_batches, dtype=np.int64)
     memory = None
     if model is not None:
@@ -289,6 +302,7 @@ def count_tokens(
         spliced_checked=pairs.spliced_checked,
         group_by_prompt=group_by_prompt,
         memory=memory,
+        compute_limit=compute_limit(model, groups) if model is not None and groups else None,
     )
 
 

@@ -32,6 +32,7 @@ from trl_prefix_share.commands.estimate.memory import (
 )
 from trl_prefix_share.commands.estimate.results import LengthStats
 from trl_prefix_share.commands.estimate.tokenization import prompt_bytes
+from trl_prefix_share.commands.estimate.work import compute_limit, compute_lines
 from trl_prefix_share.commands.prompt_sets import prompt_token_ids as chat_prompt_ids
 from trl_prefix_share.core.layout.tree import MIN_SHARED_TOKENS
 
@@ -52,6 +53,8 @@ class OnlineEstimate:
     completion: LengthStats
     completion_source: str
     memory: MemoryEstimate | None = None  # predicted peak step memory, when the model's sizes were given
+    #: The most sharing can speed a step up over packed-unshared on the model (`estimate.work`; with its sizes).
+    compute_limit: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -118,7 +121,7 @@ def count_online_tokens(
     generation_rows = batch_size * steps_per_generation
     rng = np.random.default_rng(seed)
     stock = unpadded = ours = micro_batches = 0
-    stock_rows, stock_widths, ours_steps = [], [], []
+    stock_rows, stock_widths, ours_steps, groups = [], [], [], []
     for start in range(0, len(rows_prompt), generation_rows):
         rows = rows_prompt[start : start + generation_rows]
         if steps_per_generation > 1:
@@ -140,6 +143,7 @@ def count_online_tokens(
             ours += tokens
             side = side_key_slots([[length for length, _ in sequences] for sequences in documents.values()])
             ours_steps.append(StepSizes(tokens, int(c.sum()), side))
+            groups += [(int(prompts[g]), [n - int(prompts[g]) for n, _ in seqs]) for g, seqs in documents.items()]
             micro_batches += 1
     return OnlineEstimate(
         prompts=len(prompts),
@@ -156,6 +160,7 @@ def count_online_tokens(
         memory=None
         if model is None
         else estimate_memory(model, stock_steps(np.array(stock_rows), np.array(stock_widths)), ours_steps),
+        compute_limit=compute_limit(model, groups) if model is not None and groups else None,
     )
 
 
@@ -176,6 +181,7 @@ def format_online_report(estimates: list[OnlineEstimate], title: str) -> str:
             f"{e.tokens:>14,} {e.ratio:>8.2f}x {e.unpadded_ratio:>11.2f}x"
         )
     lines += memory_lines([(e.batch_size, e.memory) for e in estimates])
+    lines += compute_lines([(e.batch_size, e.compute_limit) for e in estimates])
     lines += [
         "",
         "Per log-prob pass: the policy forward (with gradients), the old-policy pass (num_iterations > 1) and the",

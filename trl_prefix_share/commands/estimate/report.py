@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from trl_prefix_share.commands.estimate.memory import memory_lines
 from trl_prefix_share.commands.estimate.results import LengthStats, SavingsEstimate
+from trl_prefix_share.commands.estimate.work import compute_lines
 
 SPEEDUP_NOTE = (
     "The token ratio is the saving in the model body. End to end, small models on CPU gained more than it in our\n"
@@ -81,6 +82,7 @@ def format_report(estimates: Sequence[SavingsEstimate], title: str) -> str:
         "trees; one-level: stock/ours when only a pair's own prompt is shared)",
         *_format_counts(estimates),
         *memory_lines([(e.batch_size, e.memory) for e in estimates]),
+        *compute_lines([(e.batch_size, e.compute_limit) for e in estimates]),
         "",
         SPEEDUP_NOTE,
     ]

@@ -69,6 +69,8 @@ class SavingsEstimate:
     spliced_checked: int = 0
     group_by_prompt: bool = False
     memory: MemoryEstimate | None = None  # predicted peak step memory, when the model's sizes were given
+    #: The most sharing can speed a step up over packed-unshared on the model (`estimate.work`; with its sizes).
+    compute_limit: float | None = None
 
     @property
     def token_ratio(self) -> float:

@@ -67,3 +67,16 @@ def compute_limit(model: ModelSizes, groups: list[tuple[int, list[int]]]) -> flo
     unshared = sum((prompt_group_work(p, c, shared=False) for p, c in groups), StepWork(0, 0, 0))
     shared = sum((prompt_group_work(p, c, shared=True) for p, c in groups), StepWork(0, 0, 0))
     return forward_flops(model, unshared) / forward_flops(model, shared)
+
+
+def compute_lines(limits: list[tuple[int, float | None]]) -> list[str]:
+    """The compute limit, one line per batch size (none without the model's sizes)."""
+    known = [(batch, limit) for batch, limit in limits if limit is not None]
+    if not known:
+        return []
+    lines = [
+        "",
+        "compute limit (the most sharing can speed a step up over padding-free unshared packing on this model: the",
+        "LM head scores every completion token either way; forward multiply-adds over one-level documents):",
+    ]
+    return lines + [f"  batch {batch}: {limit:.2f}x" for batch, limit in known]
