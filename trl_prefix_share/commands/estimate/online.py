@@ -121,7 +121,7 @@ def count_online_tokens(
     generation_rows = batch_size * steps_per_generation
     rng = np.random.default_rng(seed)
     stock = unpadded = ours = micro_batches = 0
-    stock_rows, stock_widths, ours_steps, groups = [], [], [], []
+    stock_rows, stock_widths, ours_steps, work_groups = [], [], [], []
     for start in range(0, len(rows_prompt), generation_rows):
         rows = rows_prompt[start : start + generation_rows]
         if steps_per_generation > 1:
@@ -143,7 +143,7 @@ def count_online_tokens(
             ours += tokens
             side = side_key_slots([[length for length, _ in sequences] for sequences in documents.values()])
             ours_steps.append(StepSizes(tokens, int(c.sum()), side))
-            groups += [(int(prompts[g]), [n - int(prompts[g]) for n, _ in seqs]) for g, seqs in documents.items()]
+            work_groups += [(int(prompts[g]), [n - int(prompts[g]) for n, _ in seq]) for g, seq in documents.items()]
             micro_batches += 1
     return OnlineEstimate(
         prompts=len(prompts),
@@ -160,7 +160,7 @@ def count_online_tokens(
         memory=None
         if model is None
         else estimate_memory(model, stock_steps(np.array(stock_rows), np.array(stock_widths)), ours_steps),
-        compute_limit=compute_limit(model, groups) if model is not None and groups else None,
+        compute_limit=compute_limit(model, work_groups) if model is not None and work_groups else None,
     )
 
 
