@@ -431,6 +431,16 @@ def test_the_unpadded_run_is_read_from_the_forward():
         kimi = ragged_recipe(KimiLinearDeltaAttention)
         assert isinstance(kimi, RaggedRecipe) and kimi.scan_kernel == "chunk_kimi_delta_attention", kimi
         assert "forget_gate" in kimi.submodules and kimi.refused == ("recurrent_kimi_delta_attention",)
+        config = AutoConfig.for_model("kimi_linear", **{**SMALL, **FAMILIES["kimi_linear"]})
+        mixer = KimiLinearDeltaAttention(config, 0)
+        assert isinstance(instance_recipe(mixer, mixer.forward), RaggedRecipe)  # its own gate read as per-token code
+
+        class RunningGate(type(mixer.forget_gate)):
+            def forward(self, hidden_states):
+                return super().forward(hidden_states).cumsum(1)  # mixes along time
+
+        mixer.forget_gate = RunningGate(config)
+        assert instance_recipe(mixer, mixer.forward) == "KimiLinearDeltaAttention.forget_gate is not a per-token layer"
 
     if causal_conv1d_forward is not None:  # transformers >= 5.25: the convolution helper that takes the module
 

@@ -221,29 +221,39 @@ def _acts_per_token(module: torch.nn.Module) -> bool:
         return False
     if "Norm" in type(base).__name__:  # a model's own RMSNorm / gated RMSNorm over the features
         return True
-    return _forward_is_tokenwise(base, depth=0)
+    return _forward_is_tokenwise(base)
 
 
-def _forward_is_tokenwise(module: torch.nn.Module, depth: int) -> bool:
-    """A module of the model's own (a gate) whose forward makes only per-token calls: `TOKENWISE_METHODS`,
-    `TOKENWISE_FUNCTIONS` and submodules that act per token themselves."""
-    calls = body_calls(type(module).forward)
-    if calls is None or depth >= _METHOD_DEPTH:
-        return False
+@functools.cache
+def _tokenwise_reading(module_class: type) -> tuple[str, ...] | None:
+    """Read once per class: the ``self.<name>(...)`` calls of its forward when every other call in it is per token
+    (`TOKENWISE_METHODS`, `TOKENWISE_FUNCTIONS`); None otherwise or when unreadable."""
+    calls = body_calls(module_class.forward)
+    if calls is None:
+        return None
+    submodules = []
     for call in calls:
         name = self_attribute(call)
         if name is not None:
-            sub = getattr(module, name, None)
-            if not isinstance(sub, torch.nn.Module) or not (
-                _acts_per_token(sub) or _forward_is_tokenwise(sub, depth + 1)
-            ):
-                return False
+            submodules.append(name)
         elif isinstance(call.func, ast.Attribute):
             if call.func.attr not in TOKENWISE_METHODS:
-                return False
+                return None
         elif called_name(call) not in TOKENWISE_FUNCTIONS:
-            return False
-    return True
+            return None
+    return tuple(dict.fromkeys(submodules))
+
+
+def _forward_is_tokenwise(module: torch.nn.Module) -> bool:
+    """A module of the model's own (a gate) whose forward makes only per-token calls: `TOKENWISE_METHODS`,
+    `TOKENWISE_FUNCTIONS` and submodules that act per token themselves (followed down the module tree). Its source
+    is read once per class: this runs on every mixer call of a packed forward."""
+    submodules = _tokenwise_reading(type(module))
+    if submodules is None:
+        return False
+    return all(
+        isinstance(sub := getattr(module, name, None), torch.nn.Module) and _acts_per_token(sub) for name in submodules
+    )
 
 
 def instance_recipe(module: torch.nn.Module, original_forward: Any) -> RaggedRecipe | str:
