@@ -147,6 +147,8 @@ def record_local_token_counts(trainer) -> list[list[int]]:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Train; write and return what this process saw (its rank, the world size, logs and token counts)."""
+    from trl_prefix_share.commands.launch import release_process_group
+
     args = parse_args(argv)
     trainer = build_trainer(args)
     local_counts = record_local_token_counts(trainer) if args.trainer == "prefix_share" else []
@@ -163,6 +165,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{result['rank']}.json").write_text(json.dumps(result, indent=1))
+    release_process_group()  # or a worker may abort at exit after training (gloo's threads), failing the launch
     return result
 
 

@@ -231,3 +231,33 @@ def test_dpo_command_on_image_data_loads_the_processor(tmp_path, capsys):
     ratio = re.search(r"stock TRL: [\d,]+, ([\d.]+)x\)", out)
     assert ratio and float(ratio.group(1)) > 1.2
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_training_command_releases_the_process_group_when_it_returns(monkeypatch, tmp_path):
+    """A worker under `accelerate launch` must not keep its process group to interpreter exit, where gloo's threads
+    can abort the process after training finished (seen in CI: SIGABRT, a failed launch for a saved model). After a
+    training command returns the group is gone; after one that raises it is left alone (a destroy could wait on
+    ranks that failed)."""
+    import torch.distributed as dist
+
+    from trl_prefix_share.commands import cli
+
+    seen = []
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setitem(cli.COMMANDS, "dpo", (lambda argv: seen.append(dist.is_initialized()), "stub"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        main(["dpo"])
+        assert seen == [True] and not dist.is_initialized()
+
+        def failing(argv):
+            raise RuntimeError("rank failed")
+
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+        monkeypatch.setitem(cli.COMMANDS, "dpo", (failing, "stub"))
+        with pytest.raises(RuntimeError, match="rank failed"):
+            main(["dpo"])
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

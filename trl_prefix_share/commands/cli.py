@@ -74,13 +74,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("usage: trl-prefix-share COMMAND [--config recipe.yaml] [options]\n\ncommands:\n" + "\n".join(lines))
         raise SystemExit(0 if argv and argv[0] in {"-h", "--help"} else 2)
     command, *rest = argv
-    if command in TRAINING_COMMANDS:
-        from trl_prefix_share.commands.launch import accelerate_relaunch, run_launch
+    if command not in TRAINING_COMMANDS:
+        COMMANDS[command][0](rest)
+        return
+    from trl_prefix_share.commands.launch import accelerate_relaunch, release_process_group, run_launch
 
-        relaunch = accelerate_relaunch(command, rest)  # None without --accelerate_config
-        if relaunch is not None:
-            raise SystemExit(run_launch(relaunch))
+    relaunch = accelerate_relaunch(command, rest)  # None without --accelerate_config
+    if relaunch is not None:
+        raise SystemExit(run_launch(relaunch))
     COMMANDS[command][0](rest)
+    release_process_group()  # a worker under `accelerate launch` exits cleanly (see the helper)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,16 @@ def run_launch(command_line: Sequence[str]) -> int:
     """Run the launcher in the foreground; its exit status becomes ours (non-zero if any worker failed)."""
     print(f"[trl-prefix-share] launching: {' '.join(command_line)}", file=sys.stderr, flush=True)
     return subprocess.run(list(command_line), check=False).returncode
+
+
+def release_process_group() -> None:
+    """Destroy the default process group of a finished distributed run, if there is one.
+
+    Without it, a worker can abort at interpreter exit after training finished: gloo's worker threads still hold
+    work objects whose tensors are freed while Python is being torn down ("terminate called without an active
+    exception", SIGABRT), and the launch reports a failure for a run that saved its model. Called only after a
+    command returns normally: on an error, a collective destroy could wait for ranks that are gone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
