@@ -14,13 +14,17 @@ depends on the step's sizes, so the prediction is the largest of the three:
 - ``layer``: the recomputed bottom layer's backward, with the other layers' gradients and the head's in place. A
   recomputed dense layer holds ``6 x intermediate`` (gate, up, activation, product and two gradients at the MLP's
   product) and ``13 x hidden`` values per token (norm outputs, queries, attention output, residuals and their
-  gradients); ours also holds the keys and values its CPU kernel gathers for the branches' attention groups.
+  gradients); ours also holds the keys and values its CPU kernel gathers for the branches' attention groups. A
+  gated-delta layer (Qwen3.5, Qwen3-Next) on our unpadded run holds more (`GATED_DELTA_ROWS`: its projections and
+  convolution, the chunked scan's per-chunk pair matrices and per-step states, and their gradients): the layer term
+  takes the larger of the two kinds a model has.
 - ``end``: the last parameter gradients: every gradient, plus the embedding's dense gradient when it is tied to the
   head (it is added to the head's). The optimizer step (fused AdamW, TRL's default) adds nothing above this.
 
 The constants were counted from TRL 1.16's fallback head and a dense decoder layer, and checked against torch's exact
 allocation peaks (`bench --sweep`, which reports the prediction next to the measurement): they hold for fp32 training
-on CPU with gradient checkpointing on (TRL's default). Other settings are not modelled: the prediction says so.
+on CPU with gradient checkpointing on (TRL's default). Other settings are not modelled, nor are mixers other than
+attention and the gated delta rule (Mamba2, Kimi delta, short convolutions): the prediction says so.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ LAYER_INTERMEDIATE_ROWS = 6
 LAYER_HIDDEN_ROWS = 13
 #: TRL 1.16's head tiles (read from TRL when it has them).
 TOKEN_TILE, VOCAB_TILE = 4096, 32768
+#: Values per token of a recomputed gated-delta layer's backward on our unpadded run, besides the MLP's
+#: ``LAYER_INTERMEDIATE_ROWS x intermediate``: per unit of the hidden width, of value heads x chunk (the scan's pair
+#: matrices), of value heads x key dim and x value dim (queries, keys and values repeated to the value heads, their
+#: chunked and corrected forms), of value heads x key dim x value dim / chunk (the state after each chunk step) and of
+#: key heads x key dim (projection and convolution before the repeat). Fitted to torch's allocation peaks of seven
+#: Qwen3.5-text shapes (hidden 384-512, 2-8 key / 8-16 value heads, head dims 32-128) at 2k-4k tokens, every one within
+#: 1 % (`benchmarks/calibrate_mixer_memory.py`); checked out of sample in docs/benchmarks.md.
+GATED_DELTA_ROWS = {"hidden": 9.4, "pairs": 7.4, "keys": 8.2, "values": 8.7, "states": 2.6, "key_heads": 5.8}
+#: Mixer kinds whose layers the prediction covers (`core.mixers.kinds`); others are named as not modelled.
+MODELLED_MIXERS = frozenset({"gated_delta"})
+#: The gated-delta mixer's attributes (transformers' Qwen3.5 / Qwen3-Next modules) giving its sizes.
+GATED_DELTA_SIZES = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
 
 
 def head_tiles() -> tuple[int, int]:
@@ -68,10 +84,35 @@ class ModelSizes:
     tied_embeddings: bool
     bytes_per_value: int = 4
     query_width: int = 0  # query values per token (attention heads x head dim); 0: the hidden width
+    #: (key heads, value heads, key dim, value dim) of the widest gated-delta mixer; None: the model has none.
+    gated_delta: tuple[int, int, int, int] | None = None
+    #: Token mixers besides attention and the gated delta rule (their layers' memory is not modelled).
+    unmodelled_mixers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.query_width:
             object.__setattr__(self, "query_width", self.hidden)
+
+    @property
+    def layer_values(self) -> float:
+        """Values per token of the recomputed bottom layer's backward: a dense layer's, or a gated-delta layer's
+        where the model has one (the larger)."""
+        dense = LAYER_INTERMEDIATE_ROWS * self.intermediate + LAYER_HIDDEN_ROWS * self.hidden
+        if self.gated_delta is None:
+            return float(dense)
+        from trl_prefix_share.core.mixers.ragged_plan import DELTA_CHUNK
+
+        key_heads, value_heads, key_dim, value_dim = self.gated_delta
+        rows = GATED_DELTA_ROWS
+        mixer = (
+            rows["hidden"] * self.hidden
+            + rows["pairs"] * value_heads * DELTA_CHUNK
+            + rows["keys"] * value_heads * key_dim
+            + rows["values"] * value_heads * value_dim
+            + rows["states"] * value_heads * key_dim * value_dim / DELTA_CHUNK
+            + rows["key_heads"] * key_heads * key_dim
+        )
+        return max(float(dense), LAYER_INTERMEDIATE_ROWS * self.intermediate + mixer)
 
     @classmethod
     def from_model(cls, model: Any) -> ModelSizes:
@@ -90,6 +131,7 @@ class ModelSizes:
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
         tied = head is not None and head.weight is embeddings.weight
+        gated_delta, unmodelled = _mixers(model)
         return cls(
             parameters=sum(p.numel() for p in model.parameters()),
             layer_parameters=layer_parameters,
@@ -100,6 +142,8 @@ class ModelSizes:
             kv_width=kv_heads * head_dim,
             tied_embeddings=tied,
             query_width=heads * head_dim,
+            gated_delta=gated_delta,
+            unmodelled_mixers=unmodelled,
         )
 
     @classmethod
@@ -113,6 +157,25 @@ class ModelSizes:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return cls.from_model(model)
+
+
+def _mixers(model: Any) -> tuple[tuple[int, int, int, int] | None, tuple[str, ...]]:
+    """The widest gated-delta mixer's (key heads, value heads, key dim, value dim), and the class names of the
+    state-carrying mixers the prediction does not model, read with the packed path's own mixer check."""
+    from trl_prefix_share.core.mixers.kinds import mixer_verdict
+
+    widest: tuple[int, int, int, int] | None = None
+    unmodelled: set[str] = set()
+    for module in model.modules():
+        verdict = mixer_verdict(module)
+        if verdict is None:
+            continue
+        sizes = tuple(getattr(module, name, None) for name in GATED_DELTA_SIZES)
+        if verdict.kind in MODELLED_MIXERS and all(isinstance(size, int) for size in sizes):
+            widest = max(widest or sizes, sizes, key=lambda s: s[1] * (s[2] + s[3]))
+        else:
+            unmodelled.add(verdict.name)
+    return widest, tuple(sorted(unmodelled))
 
 
 @dataclass(frozen=True)
@@ -136,11 +199,10 @@ def phase_bytes(model: ModelSizes, step: StepSizes) -> dict[str, float]:
         + saved
         + HEAD_ROWS_PER_SCORED * step.scored * model.hidden * size
     )
-    layer_values = LAYER_INTERMEDIATE_ROWS * model.intermediate + LAYER_HIDDEN_ROWS * model.hidden
     layer = (
         head_gradient
         + (model.layers - 1) * model.layer_parameters * size
-        + step.tokens * layer_values * size
+        + step.tokens * model.layer_values * size
         + step.side_keys * 2 * model.kv_width * size
     )
     end = model.parameters * size + (head_gradient if model.tied_embeddings else 0)
@@ -168,6 +230,11 @@ class MemoryEstimate:
     ours_moment: str
     model: ModelSizes
     assumptions: str = "fp32 on CPU, gradient checkpointing on (TRL's default), fused AdamW"
+
+    def __post_init__(self) -> None:
+        if self.model.unmodelled_mixers:
+            names = ", ".join(self.model.unmodelled_mixers)
+            self.assumptions += f"; {names} layers not modelled (their layers' memory may be higher)"
 
     @property
     def saving(self) -> float:
