@@ -26,6 +26,11 @@ from trl_prefix_share.commands.cli import main
 TINY = ModelShape(family="llama", layers=1, hidden=32, heads=4, kv_heads=2)
 
 
+def one_step_settings(**fields) -> SweepSettings:
+    """The tests' sweep: on the CPU, one warm-up and one timed step per run, no time cap."""
+    return SweepSettings(tokenizer=str(TOKENIZER_DIR), steps=1, warmup=1, time_cap_s=None, device="cpu", **fields)
+
+
 def test_cells_are_real_text_of_the_asked_lengths(tokenizer):
     settings = SweepSettings(completion_length=12, steps=1, warmup=1)
     stream = TextStream(tokenizer, needed_tokens=2000)
@@ -43,18 +48,13 @@ def test_cells_are_real_text_of_the_asked_lengths(tokenizer):
 
 @pytest.mark.parametrize(("kind", "lengths", "completions"), [("dpo", [64], [2, 4]), ("grpo", [48, 96], [4])])
 def test_sweep_measures_every_variant_and_the_estimate_predicts_the_tokens(kind, lengths, completions, tokenizer):
-    settings = SweepSettings(
+    settings = one_step_settings(
         kinds=[kind],
         prompt_lengths=lengths,
         completions=completions,
         completion_length=8,
-        tokenizer=str(TOKENIZER_DIR),
         shape=TINY,
-        steps=1,
-        warmup=1,
-        time_cap_s=None,
         gradient_checkpointing=False,
-        device="cpu",
     )
     result = run_sweep(settings, log=lambda line: None)
     assert len(result["cells"]) == 2 and len(result["runs"]) == 6
@@ -111,18 +111,13 @@ def test_allocation_peak_counts_what_torch_holds_at_its_highest():
 def test_memory_prediction_matches_torchs_exact_peaks(kind, family, completions, tokenizer):
     """The estimator's peak-memory prediction against torch's allocation peaks of stock TRL and of ours, on a small
     model of two families with gradient checkpointing (the setting it models)."""
-    settings = SweepSettings(
+    settings = one_step_settings(
         kinds=[kind],
         prompt_lengths=[96],
         completions=completions,
         completion_length=16,
-        tokenizer=str(TOKENIZER_DIR),
         shape=ModelShape(family=family, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=160),
-        steps=1,
-        warmup=1,
-        time_cap_s=None,
         variants=["stock", "ours"],
-        device="cpu",
     )
     result = run_sweep(settings, log=lambda line: None)
     for cell in result["cells"]:
@@ -176,18 +171,13 @@ def test_memory_prediction_models_a_gated_delta_layer(tokenizer):
     heads = (("head_dim", 16), *linear, ("linear_key_head_dim", 16), ("linear_value_head_dim", 32))
     shape = ModelShape("qwen3_5_text", 2, 64, 4, 2, 160, tie_embeddings=True, extra_config=heads)
     model = build_model_dir(shape, tokenizer, False, 42, torch.float32, max_positions=4096 + 128)
-    settings = SweepSettings(
+    settings = one_step_settings(
         kinds=["grpo"],
         prompt_lengths=[4096],
         completions=[2],
         completion_length=16,
-        tokenizer=str(TOKENIZER_DIR),
         model=model,
-        steps=1,
-        warmup=1,
-        time_cap_s=None,
         variants=["ours"],
-        device="cpu",
     )
     result = run_sweep(settings, log=lambda line: None)
     (cell,), (run,) = result["cells"], result["runs"]
