@@ -232,9 +232,9 @@ class MemoryEstimate:
     assumptions: str = "fp32 on CPU, gradient checkpointing on (TRL's default), fused AdamW"
 
     def __post_init__(self) -> None:
-        if self.model.unmodelled_mixers:
-            names = ", ".join(self.model.unmodelled_mixers)
-            self.assumptions += f"; {names} layers not modelled (their layers' memory may be higher)"
+        caveat = f"; {', '.join(self.model.unmodelled_mixers)} layers not modelled (their memory may be higher)"
+        if self.model.unmodelled_mixers and caveat not in self.assumptions:  # once, if the estimate is copied
+            self.assumptions += caveat
 
     @property
     def saving(self) -> float:
